@@ -1,0 +1,1 @@
+"""Triton kernels of vflow (the GPU path), imported as ``vflow.kernels``."""

@@ -1,0 +1,44 @@
+"""Test configuration: CPU by default, ``--device cuda`` to run the same tests on a GPU.
+
+Triton kernels run under Triton's interpreter on CPU; TRITON_INTERPRET must be set before
+triton is first imported, so it is set here, at collection time, unless --device cuda.
+"""
+
+import os
+import sys
+
+
+def _wants_cuda(argv) -> bool:
+    for i, arg in enumerate(argv):
+        if arg == "--device" and i + 1 < len(argv) and argv[i + 1].startswith("cuda"):
+            return True
+        if arg.startswith("--device=cuda"):
+            return True
+    return False
+
+
+if not _wants_cuda(sys.argv):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="device for the tests: cpu (default) or cuda")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    name = request.config.getoption("--device")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("--device cuda given but no CUDA device is available")
+    return torch.device(name)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state and leaves the global one untouched."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield

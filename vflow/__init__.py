@@ -1,0 +1,7 @@
+"""vflow: fast VFlow (Chen et al., ICML 2020) in PyTorch.
+
+Fused mixture-of-logistics coupling kernels (C++ on CPU, Triton on GPU) in ``vflow.ops``,
+their eager oracle in ``vflow.reference``, and a complete VFlow model built on them.
+"""
+
+__version__ = "0.1.0"
