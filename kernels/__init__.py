@@ -1,1 +1,39 @@
-"""Triton kernels of vflow (the GPU path), imported as ``vflow.kernels``."""
+"""Triton kernels of vflow (the GPU path), imported as ``vflow.kernels``.
+
+Implements the low-level contract of ``vflow.reference`` (``coupling_fwd``, ``coupling_bwd``,
+``coupling_inv``) with one fused Triton kernel per op. On CPU the same kernels run under
+Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is how the
+tests check them without a GPU.
+
+Design
+------
+* Blocking: a program owns a 2-D tile of ``BLOCK_B x BLOCK_N`` active elements
+  (``BLOCK_B * BLOCK_N = 256`` by default, ``BLOCK_N = min(256, next_pow2(N))`` with N the
+  active elements per sample), so a tiny per-sample size (e.g. 2-D toy data, N = 1) still fills
+  the tile with several samples. Grid = (cdiv(B, BLOCK_B), cdiv(N, BLOCK_N)); all tails are
+  masked; batch offsets are int64. The K mixture components are a runtime loop (any K, no
+  power-of-two padding), reading the parameter planes (B, 2+3K, N), which are contiguous
+  along N, so every load is coalesced.
+* Numerics: float32 throughout, everything in log space. The four log-sum-exps over k
+  (log Z of the logits, log F, log(1-F), log f) are online (running max + rescaled sum, one
+  exp per update); log(1+e) is computed accurately without libdevice.
+* Fused: checkerboard / stripe addressing (the active element and its passive partner are
+  addressed in-kernel from the active index, so no split/merge copies; passive positions are
+  copied through), the forward's logdet partial sums, the backward's two passes over k
+  (pass 1 re-computes the forward sums and sum_k r_k dlogf_k/dx, pass 2 writes the
+  per-component gradients, nothing of size N x K is stored), and the inverse's bracket,
+  fixed-count safeguarded Newton / bisection iterations (per-element masks, no host sync) and
+  the forward logdet at the solution.
+* Determinism: no atomics. Each program writes the sum of its tile row (a fixed ``tl.sum``
+  tree) to a (B, num_programs_along_N) buffer, then a torch sum along that fixed axis gives
+  logdet; repeated runs are bitwise identical.
+* dtypes: float32 only. float64 (and float16/bfloat16, which the ops layer casts to float32
+  before calling) raise ``TypeError``: use the reference or C++ backend for float64.
+
+Every launcher also takes a keyword-only ``block`` (a power of two, default 256) to change
+the tile size, used by the tests to force several programs and masked tails on small shapes.
+"""
+
+from ._coupling import coupling_bwd, coupling_fwd, coupling_inv
+
+__all__ = ["coupling_fwd", "coupling_bwd", "coupling_inv"]

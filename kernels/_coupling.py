@@ -1,0 +1,498 @@
+"""Triton kernels and launchers of the MoL coupling (see the package docstring for the design)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+PLAIN, CHECKERBOARD, STRIPE = 0, 1, 2
+
+# Elements per program (a 2-D tile BLOCK_B x BLOCK_N, BLOCK_B * BLOCK_N == DEFAULT_BLOCK when
+# the per-sample size N is smaller than the block).
+DEFAULT_BLOCK = 256
+NUM_WARPS = 4
+MAX_GRID_Y = 65535
+
+LOG_SCALE_MIN = tl.constexpr(-7.0)
+EPS = tl.constexpr(0.05)
+LOG_EPS = tl.constexpr(math.log(0.05))
+LOG_SPAN = tl.constexpr(math.log1p(-2 * 0.05))  # log(1 - 2 eps)
+TINY32 = tl.constexpr(1.1920928955078125e-07)  # torch.finfo(torch.float32).eps
+
+
+# --- elementwise helpers -----------------------------------------------------------------
+
+
+@triton.jit
+def _log1p_unit(e):
+    """log(1 + e) for e in [0, 1], accurate when e is tiny (no libdevice log1p needed)."""
+    u = 1.0 + e
+    exact = u == 1.0
+    return tl.where(exact, e, tl.log(u) * (e / tl.where(exact, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _tanh(a):
+    e = tl.exp(-2.0 * tl.abs(a))
+    r = (1.0 - e) / (1.0 + e)
+    return tl.where(a < 0.0, -r, r)
+
+
+@triton.jit
+def _logaddexp(a, c):
+    m = tl.maximum(a, c)
+    return m + _log1p_unit(tl.exp(-tl.abs(a - c)))
+
+
+@triton.jit
+def _lse_push(m, s, v):
+    """Online log-sum-exp: (running max m, sum s of exp(. - m)) <- v, one exp per update."""
+    diff = v - m
+    d = tl.exp(-tl.abs(diff))
+    d = tl.where(diff == diff, d, 0.0)  # both -inf: nothing to add
+    up = v > m
+    s = tl.where(up, s * d + 1.0, s + d)
+    return tl.maximum(m, v), s
+
+
+@triton.jit
+def _lse_push_w(m, s, a, v, c):
+    """As _lse_push, also carrying a = sum c_k exp(v_k - m) (an exp(v)-weighted sum of c)."""
+    diff = v - m
+    d = tl.exp(-tl.abs(diff))
+    d = tl.where(diff == diff, d, 0.0)
+    up = v > m
+    s = tl.where(up, s * d + 1.0, s + d)
+    a = tl.where(up, a * d + c, a + d * c)
+    return tl.maximum(m, v), s, a
+
+
+@triton.jit
+def _component(x, pi_ptr, mu_ptr, ls_ptr, mask):
+    """Per-component terms: pi, mu, ls, s = max(ls, -7), exp(-s), t, e = exp(-|t|),
+    log sigmoid(t), log sigmoid(-t)."""
+    pi = tl.load(pi_ptr, mask=mask, other=0.0)
+    mu = tl.load(mu_ptr, mask=mask, other=0.0)
+    ls = tl.load(ls_ptr, mask=mask, other=0.0)
+    s = tl.maximum(ls, LOG_SCALE_MIN)
+    inv_s = tl.exp(-s)
+    t = (x - mu) * inv_s
+    e = tl.exp(-tl.abs(t))
+    l1 = _log1p_unit(e)
+    lsp = tl.minimum(t, 0.0) - l1
+    lsn = tl.minimum(-t, 0.0) - l1
+    return pi, mu, ls, s, inv_s, t, e, lsp, lsn
+
+
+@triton.jit
+def _squash(log_cdf, log_sf, SMOOTH: tl.constexpr):
+    if SMOOTH:
+        log_g = _logaddexp(log_cdf + LOG_SPAN, LOG_EPS)
+        log_1mg = _logaddexp(log_sf + LOG_SPAN, LOG_EPS)
+    else:
+        log_g = log_cdf
+        log_1mg = log_sf
+    return log_g, log_1mg
+
+
+@triton.jit
+def _offsets(pid_b, pid_n, B, N, H, W, parity, stride_xb, stride_pb,
+             PATTERN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tile indices: mask, offsets of the active element in x, of its passive partner
+    (patterns 1/2), of the element in the params plane, and the batch index."""
+    b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (b < B)[:, None] & (n < N)[None, :]
+    b64 = b.to(tl.int64)[:, None]
+    n2 = n[None, :]
+    p_off = b64 * stride_pb + n2
+    if PATTERN == 0:
+        x_off = b64 * stride_xb + n2
+        pas_off = x_off
+    else:
+        half = W // 2
+        row = n2 // half  # c * H + h
+        j = n2 - row * half
+        if PATTERN == 1:
+            shift = (row % H + parity) % 2
+        else:
+            shift = parity + 0 * n2
+        col = 2 * j + shift
+        x_off = b64 * stride_xb + row * W + col
+        pas_off = x_off + 1 - 2 * shift
+    return b, mask, x_off, pas_off, p_off
+
+
+# --- forward -----------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, p_ptr, y_ptr, part_ptr, B, N, K, H, W, parity, stride_xb, stride_pb,
+                NUM_NB, SMOOTH: tl.constexpr, PATTERN: tl.constexpr,
+                BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b, mask, x_off, pas_off, p_off = _offsets(pid_b, pid_n, B, N, H, W, parity, stride_xb,
+                                              stride_pb, PATTERN, BLOCK_B, BLOCK_N)
+    x = tl.load(x_ptr + x_off, mask=mask, other=0.0)
+    pbase = p_ptr + p_off
+    a_raw = tl.load(pbase, mask=mask, other=0.0)
+    shift_b = tl.load(pbase + N, mask=mask, other=0.0)
+
+    ninf = tl.full(x.shape, float("-inf"), tl.float32)
+    zero = tl.zeros(x.shape, tl.float32)
+    m_z, s_z = ninf, zero
+    m_c, s_c = ninf, zero
+    m_s, s_s = ninf, zero
+    m_f, s_f = ninf, zero
+    for k in range(K):
+        pi, mu, ls, s, inv_s, t, e, lsp, lsn = _component(
+            x, pbase + (2 + k) * N, pbase + (2 + K + k) * N, pbase + (2 + 2 * K + k) * N, mask)
+        m_z, s_z = _lse_push(m_z, s_z, pi)
+        m_c, s_c = _lse_push(m_c, s_c, pi + lsp)
+        m_s, s_s = _lse_push(m_s, s_s, pi + lsn)
+        m_f, s_f = _lse_push(m_f, s_f, pi + lsp + lsn - s)
+    log_z = m_z + tl.log(s_z)
+    log_cdf = m_c + tl.log(s_c) - log_z
+    log_sf = m_s + tl.log(s_s) - log_z
+    log_pdf = m_f + tl.log(s_f) - log_z
+    log_g, log_1mg = _squash(log_cdf, log_sf, SMOOTH)
+    alpha = _tanh(a_raw)
+    y = tl.exp(alpha) * (log_g - log_1mg) + shift_b
+    ld = alpha + log_pdf - log_g - log_1mg
+    if SMOOTH:
+        ld += LOG_SPAN
+    tl.store(y_ptr + x_off, y, mask=mask)
+    if PATTERN != 0:
+        xp = tl.load(x_ptr + pas_off, mask=mask, other=0.0)
+        tl.store(y_ptr + pas_off, xp, mask=mask)
+    part = tl.sum(tl.where(mask, ld, 0.0), axis=1)
+    tl.store(part_ptr + b.to(tl.int64) * NUM_NB + pid_n, part, mask=b < B)
+
+
+# --- backward (vector-Jacobian product of the forward or of the inverse) -----------------
+
+
+@triton.jit
+def _bwd_kernel(x_ptr, p_ptr, go_ptr, gl_ptr, gi_ptr, gp_ptr, B, N, K, H, W, parity,
+                stride_xb, stride_pb, SMOOTH: tl.constexpr, PATTERN: tl.constexpr,
+                INVERSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b, mask, x_off, pas_off, p_off = _offsets(pid_b, pid_n, B, N, H, W, parity, stride_xb,
+                                              stride_pb, PATTERN, BLOCK_B, BLOCK_N)
+    x = tl.load(x_ptr + x_off, mask=mask, other=0.0)
+    g_out = tl.load(go_ptr + x_off, mask=mask, other=0.0)
+    g_l = tl.load(gl_ptr + b, mask=b < B, other=0.0)[:, None]
+    pbase = p_ptr + p_off
+    gbase = gp_ptr + p_off
+    a_raw = tl.load(pbase, mask=mask, other=0.0)
+
+    # Pass 1: the four log-sum-exps and sum_k r_k (1 - 2 sigmoid(t_k)) exp(-s_k).
+    ninf = tl.full(x.shape, float("-inf"), tl.float32)
+    zero = tl.zeros(x.shape, tl.float32)
+    m_z, s_z = ninf, zero
+    m_c, s_c = ninf, zero
+    m_s, s_s = ninf, zero
+    m_f, s_f, a_f = ninf, zero, zero
+    for k in range(K):
+        pi, mu, ls, s, inv_s, t, e, lsp, lsn = _component(
+            x, pbase + (2 + k) * N, pbase + (2 + K + k) * N, pbase + (2 + 2 * K + k) * N, mask)
+        oms = tl.where(t >= 0.0, e - 1.0, 1.0 - e) / (1.0 + e)  # 1 - 2 sigmoid(t)
+        m_z, s_z = _lse_push(m_z, s_z, pi)
+        m_c, s_c = _lse_push(m_c, s_c, pi + lsp)
+        m_s, s_s = _lse_push(m_s, s_s, pi + lsn)
+        m_f, s_f, a_f = _lse_push_w(m_f, s_f, a_f, pi + lsp + lsn - s, oms * inv_s)
+    log_z = m_z + tl.log(s_z)
+    lse_c = m_c + tl.log(s_c)  # unnormalised (log F + log Z)
+    lse_s = m_s + tl.log(s_s)
+    lse_f = m_f + tl.log(s_f)
+    log_cdf = lse_c - log_z
+    log_sf = lse_s - log_z
+    log_pdf = lse_f - log_z
+    log_g, log_1mg = _squash(log_cdf, log_sf, SMOOTH)
+    alpha = _tanh(a_raw)
+    e_alpha = tl.exp(alpha)
+    z = log_g - log_1mg
+    log_j = log_pdf - log_g - log_1mg  # log dz/dx
+    if SMOOTH:
+        log_j += LOG_SPAN
+    jac = tl.exp(log_j)
+    om2g = tl.exp(log_1mg) - tl.exp(log_g)  # 1 - 2 G
+    l_x = a_f / s_f - om2g * jac  # d logdet / dx
+    da = 1.0 - alpha * alpha
+    if INVERSE:
+        u = g_out - g_l * l_x
+        v = u * tl.exp(-(alpha + log_j))  # dL/dy
+        g_in = v
+        c_j = g_l * om2g * jac - u  # coefficient of dz/dtheta, times J
+        c_pi = c_j * tl.exp(log_cdf + log_sf - log_pdf)
+        c_f = -g_l  # coefficient of dlogf/dtheta
+        g_a = -(u * tl.exp(-log_j) * z + g_l) * da
+        g_b = -v
+    else:
+        g_in = g_out * e_alpha * jac + g_l * l_x
+        c_z = g_out * e_alpha - g_l * om2g
+        c_j = c_z * jac
+        log_kappa = log_cdf + log_sf - log_g - log_1mg
+        if SMOOTH:
+            log_kappa += LOG_SPAN
+        c_pi = c_z * tl.exp(log_kappa)
+        c_f = g_l + zero
+        g_a = (g_out * e_alpha * z + g_l) * da
+        g_b = g_out
+    tl.store(gi_ptr + x_off, g_in, mask=mask)
+    if PATTERN != 0:
+        gp = tl.load(go_ptr + pas_off, mask=mask, other=0.0)
+        tl.store(gi_ptr + pas_off, gp, mask=mask)
+    tl.store(gbase, g_a, mask=mask)
+    tl.store(gbase + N, g_b, mask=mask)
+
+    # Pass 2: per-component gradients, recomputed (nothing of size N x K is stored).
+    for k in range(K):
+        pi, mu, ls, s, inv_s, t, e, lsp, lsn = _component(
+            x, pbase + (2 + k) * N, pbase + (2 + K + k) * N, pbase + (2 + 2 * K + k) * N, mask)
+        oms = tl.where(t >= 0.0, e - 1.0, 1.0 - e) / (1.0 + e)
+        r = tl.exp(pi + lsp + lsn - s - lse_f)
+        r_c = tl.exp(pi + lsp - lse_c)
+        r_s = tl.exp(pi + lsn - lse_s)
+        w = tl.exp(pi - log_z)
+        g_mu = -r * (c_j + c_f * oms * inv_s)
+        g_ls = -r * (c_j * (x - mu) + c_f * (oms * t + 1.0))
+        g_ls = tl.where(ls >= LOG_SCALE_MIN, g_ls, 0.0)
+        g_pi = c_pi * (r_c - r_s) + c_f * (r - w)
+        tl.store(gbase + (2 + k) * N, g_pi, mask=mask)
+        tl.store(gbase + (2 + K + k) * N, g_mu, mask=mask)
+        tl.store(gbase + (2 + 2 * K + k) * N, g_ls, mask=mask)
+
+
+# --- inverse -----------------------------------------------------------------------------
+
+
+@triton.jit
+def _inv_kernel(y_ptr, p_ptr, x_ptr, part_ptr, B, N, K, H, W, parity, stride_xb, stride_pb,
+                NUM_NB, max_iters, SMOOTH: tl.constexpr, PATTERN: tl.constexpr,
+                NEWTON: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b, mask, x_off, pas_off, p_off = _offsets(pid_b, pid_n, B, N, H, W, parity, stride_xb,
+                                              stride_pb, PATTERN, BLOCK_B, BLOCK_N)
+    y = tl.load(y_ptr + x_off, mask=mask, other=0.0)
+    pbase = p_ptr + p_off
+    a_raw = tl.load(pbase, mask=mask, other=0.0)
+    shift_b = tl.load(pbase + N, mask=mask, other=0.0)
+    alpha = _tanh(a_raw)
+    z = (y - shift_b) * tl.exp(-alpha)  # logit(G)
+    if SMOOTH:
+        ez = tl.exp(-tl.abs(z))
+        sig = tl.where(z >= 0.0, 1.0 / (1.0 + ez), ez / (1.0 + ez))
+        f_star = (sig - EPS) / (1.0 - 2.0 * EPS)
+        f_star = tl.minimum(tl.maximum(f_star, TINY32), 1.0 - TINY32)
+        target = tl.log(f_star) - tl.log(1.0 - f_star)
+    else:
+        target = z
+
+    # Bracket [min_k, max_k] of mean_k + scale_k * target, and log Z of the logits.
+    ninf = tl.full(y.shape, float("-inf"), tl.float32)
+    pinf = tl.full(y.shape, float("inf"), tl.float32)
+    zero = tl.zeros(y.shape, tl.float32)
+    m_z, s_z = ninf, zero
+    lo, hi = pinf, ninf
+    for k in range(K):
+        pi = tl.load(pbase + (2 + k) * N, mask=mask, other=0.0)
+        mu = tl.load(pbase + (2 + K + k) * N, mask=mask, other=0.0)
+        ls = tl.load(pbase + (2 + 2 * K + k) * N, mask=mask, other=0.0)
+        cand = mu + tl.exp(tl.maximum(ls, LOG_SCALE_MIN)) * target
+        lo = tl.minimum(lo, cand)
+        hi = tl.maximum(hi, cand)
+        m_z, s_z = _lse_push(m_z, s_z, pi)
+    log_z = m_z + tl.log(s_z)
+    x = 0.5 * (lo + hi)
+
+    # Fixed number of safeguarded Newton / bisection steps, per-element masks only.
+    for _ in range(max_iters):
+        m_c, s_c = ninf, zero
+        m_s, s_s = ninf, zero
+        m_f, s_f = ninf, zero
+        for k in range(K):
+            pi, mu, ls, s, inv_s, t, e, lsp, lsn = _component(
+                x, pbase + (2 + k) * N, pbase + (2 + K + k) * N, pbase + (2 + 2 * K + k) * N,
+                mask)
+            m_c, s_c = _lse_push(m_c, s_c, pi + lsp)
+            m_s, s_s = _lse_push(m_s, s_s, pi + lsn)
+            if NEWTON:
+                m_f, s_f = _lse_push(m_f, s_f, pi + lsp + lsn - s)
+        lse_c = m_c + tl.log(s_c)
+        lse_s = m_s + tl.log(s_s)
+        g = lse_c - lse_s - target  # logit(F(x)) - target; log Z cancels
+        above = g > 0.0
+        hi = tl.where(above, x, hi)
+        lo = tl.where(above, lo, x)
+        mid = 0.5 * (lo + hi)
+        if NEWTON:
+            lse_f = m_f + tl.log(s_f)
+            x_new = x - g * tl.exp(lse_c + lse_s - lse_f - log_z)
+            x = tl.where((x_new >= lo) & (x_new <= hi), x_new, mid)
+        else:
+            x = mid
+
+    # Fused forward log-determinant at the solution.
+    m_c, s_c = ninf, zero
+    m_s, s_s = ninf, zero
+    m_f, s_f = ninf, zero
+    for k in range(K):
+        pi, mu, ls, s, inv_s, t, e, lsp, lsn = _component(
+            x, pbase + (2 + k) * N, pbase + (2 + K + k) * N, pbase + (2 + 2 * K + k) * N, mask)
+        m_c, s_c = _lse_push(m_c, s_c, pi + lsp)
+        m_s, s_s = _lse_push(m_s, s_s, pi + lsn)
+        m_f, s_f = _lse_push(m_f, s_f, pi + lsp + lsn - s)
+    log_cdf = m_c + tl.log(s_c) - log_z
+    log_sf = m_s + tl.log(s_s) - log_z
+    log_pdf = m_f + tl.log(s_f) - log_z
+    log_g, log_1mg = _squash(log_cdf, log_sf, SMOOTH)
+    ld = alpha + log_pdf - log_g - log_1mg
+    if SMOOTH:
+        ld += LOG_SPAN
+    tl.store(x_ptr + x_off, x, mask=mask)
+    if PATTERN != 0:
+        yp = tl.load(y_ptr + pas_off, mask=mask, other=0.0)
+        tl.store(x_ptr + pas_off, yp, mask=mask)
+    part = -tl.sum(tl.where(mask, ld, 0.0), axis=1)
+    tl.store(part_ptr + b.to(tl.int64) * NUM_NB + pid_n, part, mask=b < B)
+
+
+# --- launchers ---------------------------------------------------------------------------
+
+
+def _check(x: Tensor, params: Tensor, pattern: int, parity: int, *others: Tensor):
+    """Light validation; returns (B, N, K, H, W, stride_xb, stride_pb)."""
+    for t in (x, params, *others):
+        if t.dtype != torch.float32:
+            raise TypeError(
+                f"vflow.kernels computes in float32 and takes float32 tensors only, got {t.dtype}; "
+                "cast float16/bfloat16 to float32 first, and use the reference or C++ backend "
+                "for float64"
+            )
+        if t.device != x.device:
+            raise ValueError(f"tensors on different devices: {t.device} and {x.device}")
+    if params.dim() < 2:
+        raise ValueError(f"params must be (B, 2+3K, ...), got shape {tuple(params.shape)}")
+    num_p = params.shape[1]
+    k = (num_p - 2) // 3
+    if k < 1 or num_p != 2 + 3 * k:
+        raise ValueError(f"params has {num_p} channels, expected 2 + 3K with K >= 1")
+    bsz = x.shape[0]
+    if pattern == PLAIN:
+        h = w = 1
+        expected = (bsz, num_p, *x.shape[1:])
+        n = math.prod(x.shape[1:])
+        stride_xb = n
+    elif pattern in (CHECKERBOARD, STRIPE):
+        if x.dim() != 4 or x.shape[3] % 2 != 0:
+            raise ValueError(f"pattern {pattern} needs x of shape (B, C, H, W), W even; got "
+                             f"{tuple(x.shape)}")
+        if parity not in (0, 1):
+            raise ValueError(f"parity must be 0 or 1, got {parity}")
+        _, c, h, w = x.shape
+        expected = (bsz, num_p, c, h, w // 2)
+        n = c * h * (w // 2)
+        stride_xb = 2 * n
+    else:
+        raise ValueError(f"unknown pattern code {pattern}")
+    if tuple(params.shape) != expected:
+        raise ValueError(f"params shape {tuple(params.shape)} does not match x: expected "
+                         f"{expected}")
+    return bsz, n, k, h, w, stride_xb, num_p * n
+
+
+def _tiles(bsz: int, n: int, block: int | None):
+    block = DEFAULT_BLOCK if block is None else int(block)
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"block must be a power of two, got {block}")
+    block_n = min(block, triton.next_power_of_2(n))
+    block_b = max(1, min(block // block_n, triton.next_power_of_2(bsz)))
+    num_nb = triton.cdiv(n, block_n)
+    if num_nb > MAX_GRID_Y:
+        raise ValueError(f"{n} elements per sample exceed the launch grid (block {block})")
+    return block_b, block_n, (triton.cdiv(bsz, block_b), num_nb)
+
+
+def _device_guard(t: Tensor):
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _reduce(partials: Tensor) -> Tensor:
+    # Fixed-order reduction of the per-program partial sums (no atomics).
+    if partials.shape[1] == 1:
+        return partials[:, 0].contiguous()
+    return partials.sum(dim=1)
+
+
+def coupling_fwd(x: Tensor, params: Tensor, smooth: bool, pattern: int, parity: int, *,
+                 block: int | None = None) -> tuple[Tensor, Tensor]:
+    """Forward coupling: y (like x) and logdet (B,) float32."""
+    x, params = x.contiguous(), params.contiguous()
+    bsz, n, k, h, w, sxb, spb = _check(x, params, pattern, parity)
+    y = torch.empty_like(x)
+    if bsz == 0 or n == 0:
+        y.copy_(x)
+        return y, x.new_zeros(bsz)
+    block_b, block_n, grid = _tiles(bsz, n, block)
+    partials = torch.empty((bsz, grid[1]), device=x.device, dtype=torch.float32)
+    with _device_guard(x):
+        _fwd_kernel[grid](x, params, y, partials, bsz, n, k, h, w, int(parity), sxb, spb,
+                          grid[1], SMOOTH=bool(smooth), PATTERN=int(pattern),
+                          BLOCK_B=block_b, BLOCK_N=block_n, num_warps=NUM_WARPS)
+    return y, _reduce(partials)
+
+
+def coupling_bwd(x: Tensor, params: Tensor, grad_out: Tensor, grad_logdet: Tensor, smooth: bool,
+                 pattern: int, parity: int, inverse: bool, *,
+                 block: int | None = None) -> tuple[Tensor, Tensor]:
+    """VJP of the forward (inverse=False) or of the inverse at its output x (inverse=True)."""
+    x, params = x.contiguous(), params.contiguous()
+    grad_out, grad_logdet = grad_out.contiguous(), grad_logdet.contiguous()
+    bsz, n, k, h, w, sxb, spb = _check(x, params, pattern, parity, grad_out, grad_logdet)
+    if grad_out.shape != x.shape or grad_logdet.shape != (bsz,):
+        raise ValueError("grad_out must be shaped like x and grad_logdet like (B,)")
+    grad_in = torch.empty_like(x)
+    grad_params = torch.empty_like(params)
+    if bsz == 0 or n == 0:
+        grad_in.copy_(grad_out)
+        return grad_in, grad_params
+    block_b, block_n, grid = _tiles(bsz, n, block)
+    with _device_guard(x):
+        _bwd_kernel[grid](x, params, grad_out, grad_logdet, grad_in, grad_params, bsz, n, k, h,
+                          w, int(parity), sxb, spb, SMOOTH=bool(smooth), PATTERN=int(pattern),
+                          INVERSE=bool(inverse), BLOCK_B=block_b, BLOCK_N=block_n,
+                          num_warps=NUM_WARPS)
+    return grad_in, grad_params
+
+
+def coupling_inv(y: Tensor, params: Tensor, smooth: bool, pattern: int, parity: int,
+                 max_iters: int, newton: bool, *,
+                 block: int | None = None) -> tuple[Tensor, Tensor]:
+    """Inverse coupling: x (like y) and logdet = -(forward logdet at x), (B,) float32."""
+    y, params = y.contiguous(), params.contiguous()
+    bsz, n, k, h, w, sxb, spb = _check(y, params, pattern, parity)
+    if int(max_iters) < 0:
+        raise ValueError(f"max_iters must be >= 0, got {max_iters}")
+    x = torch.empty_like(y)
+    if bsz == 0 or n == 0:
+        x.copy_(y)
+        return x, y.new_zeros(bsz)
+    block_b, block_n, grid = _tiles(bsz, n, block)
+    partials = torch.empty((bsz, grid[1]), device=y.device, dtype=torch.float32)
+    with _device_guard(y):
+        _inv_kernel[grid](y, params, x, partials, bsz, n, k, h, w, int(parity), sxb, spb,
+                          grid[1], int(max_iters), SMOOTH=bool(smooth), PATTERN=int(pattern),
+                          NEWTON=bool(newton), BLOCK_B=block_b, BLOCK_N=block_n,
+                          num_warps=NUM_WARPS)
+    return x, _reduce(partials)
