@@ -14,7 +14,7 @@ Design
   masked; batch offsets are int64. The K mixture components are a runtime loop (any K, no
   power-of-two padding), reading the parameter planes (B, 2+3K, N), which are contiguous
   along N, so every load is coalesced.
-* Numerics: float32 throughout, everything in log space. The four log-sum-exps over k
+* Numerics: everything in log space. The four log-sum-exps over k
   (log Z of the logits, log F, log(1-F), log f) are online (running max + rescaled sum, one
   exp per update); log(1+e) is computed accurately without libdevice.
 * Fused: checkerboard / stripe addressing (the active element and its passive partner are
@@ -27,8 +27,13 @@ Design
 * Determinism: no atomics. Each program writes the sum of its tile row (a fixed ``tl.sum``
   tree) to a (B, num_programs_along_N) buffer, then a torch sum along that fixed axis gives
   logdet; repeated runs are bitwise identical.
-* dtypes: float32 only. float64 (and float16/bfloat16, which the ops layer casts to float32
-  before calling) raise ``TypeError``: use the reference or C++ backend for float64.
+* dtypes: float32 tensors are computed in float32 (logdet float32). float64 tensors are
+  computed in float64 by the same kernels (every constant is materialised in the tensor's
+  dtype; the smooth inverse clamps F* to the dtype's machine epsilon, like the reference),
+  logdet float64; this matches the reference to ~1e-15. float16/bfloat16 (which the ops layer
+  casts to float32 before calling) and mixed dtypes raise ``TypeError``.
+* Devices: CUDA tensors (launched under the tensor's device guard on torch's current stream);
+  CPU tensors only under the interpreter, otherwise ``RuntimeError``.
 
 Every launcher also takes a keyword-only ``block`` (a power of two, default 256) to change
 the tile size, used by the tests to force several programs and masked tails on small shapes.

@@ -22,10 +22,17 @@ LOG_SCALE_MIN = tl.constexpr(-7.0)
 EPS = tl.constexpr(0.05)
 LOG_EPS = tl.constexpr(math.log(0.05))
 LOG_SPAN = tl.constexpr(math.log1p(-2 * 0.05))  # log(1 - 2 eps)
-TINY32 = tl.constexpr(1.1920928955078125e-07)  # torch.finfo(torch.float32).eps
+SPAN = tl.constexpr(1 - 2 * 0.05)  # 1 - 2 eps
 
 
 # --- elementwise helpers -----------------------------------------------------------------
+
+
+@triton.jit
+def _c(value: tl.constexpr, like):
+    """A constant in the dtype (and shape) of ``like``, rounded once from the Python double:
+    a bare literal would be rounded to float32 first, even in a float64 kernel."""
+    return tl.full(like.shape, value, like.dtype)
 
 
 @triton.jit
@@ -92,8 +99,8 @@ def _component(x, pi_ptr, mu_ptr, ls_ptr, mask):
 @triton.jit
 def _squash(log_cdf, log_sf, SMOOTH: tl.constexpr):
     if SMOOTH:
-        log_g = _logaddexp(log_cdf + LOG_SPAN, LOG_EPS)
-        log_1mg = _logaddexp(log_sf + LOG_SPAN, LOG_EPS)
+        log_g = _logaddexp(log_cdf + _c(LOG_SPAN, log_cdf), _c(LOG_EPS, log_cdf))
+        log_1mg = _logaddexp(log_sf + _c(LOG_SPAN, log_sf), _c(LOG_EPS, log_sf))
     else:
         log_g = log_cdf
         log_1mg = log_sf
@@ -144,8 +151,8 @@ def _fwd_kernel(x_ptr, p_ptr, y_ptr, part_ptr, B, N, K, H, W, parity, stride_xb,
     a_raw = tl.load(pbase, mask=mask, other=0.0)
     shift_b = tl.load(pbase + N, mask=mask, other=0.0)
 
-    ninf = tl.full(x.shape, float("-inf"), tl.float32)
-    zero = tl.zeros(x.shape, tl.float32)
+    ninf = tl.full(x.shape, float("-inf"), x.dtype)
+    zero = tl.zeros(x.shape, x.dtype)
     m_z, s_z = ninf, zero
     m_c, s_c = ninf, zero
     m_s, s_s = ninf, zero
@@ -166,7 +173,7 @@ def _fwd_kernel(x_ptr, p_ptr, y_ptr, part_ptr, B, N, K, H, W, parity, stride_xb,
     y = tl.exp(alpha) * (log_g - log_1mg) + shift_b
     ld = alpha + log_pdf - log_g - log_1mg
     if SMOOTH:
-        ld += LOG_SPAN
+        ld += _c(LOG_SPAN, ld)
     tl.store(y_ptr + x_off, y, mask=mask)
     if PATTERN != 0:
         xp = tl.load(x_ptr + pas_off, mask=mask, other=0.0)
@@ -194,8 +201,8 @@ def _bwd_kernel(x_ptr, p_ptr, go_ptr, gl_ptr, gi_ptr, gp_ptr, B, N, K, H, W, par
     a_raw = tl.load(pbase, mask=mask, other=0.0)
 
     # Pass 1: the four log-sum-exps and sum_k r_k (1 - 2 sigmoid(t_k)) exp(-s_k).
-    ninf = tl.full(x.shape, float("-inf"), tl.float32)
-    zero = tl.zeros(x.shape, tl.float32)
+    ninf = tl.full(x.shape, float("-inf"), x.dtype)
+    zero = tl.zeros(x.shape, x.dtype)
     m_z, s_z = ninf, zero
     m_c, s_c = ninf, zero
     m_s, s_s = ninf, zero
@@ -221,7 +228,7 @@ def _bwd_kernel(x_ptr, p_ptr, go_ptr, gl_ptr, gi_ptr, gp_ptr, B, N, K, H, W, par
     z = log_g - log_1mg
     log_j = log_pdf - log_g - log_1mg  # log dz/dx
     if SMOOTH:
-        log_j += LOG_SPAN
+        log_j += _c(LOG_SPAN, log_j)
     jac = tl.exp(log_j)
     om2g = tl.exp(log_1mg) - tl.exp(log_g)  # 1 - 2 G
     l_x = a_f / s_f - om2g * jac  # d logdet / dx
@@ -241,7 +248,7 @@ def _bwd_kernel(x_ptr, p_ptr, go_ptr, gl_ptr, gi_ptr, gp_ptr, B, N, K, H, W, par
         c_j = c_z * jac
         log_kappa = log_cdf + log_sf - log_g - log_1mg
         if SMOOTH:
-            log_kappa += LOG_SPAN
+            log_kappa += _c(LOG_SPAN, log_kappa)
         c_pi = c_z * tl.exp(log_kappa)
         c_f = g_l + zero
         g_a = (g_out * e_alpha * z + g_l) * da
@@ -277,7 +284,8 @@ def _bwd_kernel(x_ptr, p_ptr, go_ptr, gl_ptr, gi_ptr, gp_ptr, B, N, K, H, W, par
 @triton.jit
 def _inv_kernel(y_ptr, p_ptr, x_ptr, part_ptr, B, N, K, H, W, parity, stride_xb, stride_pb,
                 NUM_NB, max_iters, SMOOTH: tl.constexpr, PATTERN: tl.constexpr,
-                NEWTON: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+                NEWTON: tl.constexpr, TINY: tl.constexpr, BLOCK_B: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     b, mask, x_off, pas_off, p_off = _offsets(pid_b, pid_n, B, N, H, W, parity, stride_xb,
@@ -291,16 +299,16 @@ def _inv_kernel(y_ptr, p_ptr, x_ptr, part_ptr, B, N, K, H, W, parity, stride_xb,
     if SMOOTH:
         ez = tl.exp(-tl.abs(z))
         sig = tl.where(z >= 0.0, 1.0 / (1.0 + ez), ez / (1.0 + ez))
-        f_star = (sig - EPS) / (1.0 - 2.0 * EPS)
-        f_star = tl.minimum(tl.maximum(f_star, TINY32), 1.0 - TINY32)
+        f_star = (sig - _c(EPS, sig)) / _c(SPAN, sig)
+        f_star = tl.minimum(tl.maximum(f_star, _c(TINY, sig)), _c(1.0 - TINY, sig))
         target = tl.log(f_star) - tl.log(1.0 - f_star)
     else:
         target = z
 
     # Bracket [min_k, max_k] of mean_k + scale_k * target, and log Z of the logits.
-    ninf = tl.full(y.shape, float("-inf"), tl.float32)
-    pinf = tl.full(y.shape, float("inf"), tl.float32)
-    zero = tl.zeros(y.shape, tl.float32)
+    ninf = tl.full(y.shape, float("-inf"), y.dtype)
+    pinf = tl.full(y.shape, float("inf"), y.dtype)
+    zero = tl.zeros(y.shape, y.dtype)
     m_z, s_z = ninf, zero
     lo, hi = pinf, ninf
     for k in range(K):
@@ -357,7 +365,7 @@ def _inv_kernel(y_ptr, p_ptr, x_ptr, part_ptr, B, N, K, H, W, parity, stride_xb,
     log_g, log_1mg = _squash(log_cdf, log_sf, SMOOTH)
     ld = alpha + log_pdf - log_g - log_1mg
     if SMOOTH:
-        ld += LOG_SPAN
+        ld += _c(LOG_SPAN, ld)
     tl.store(x_ptr + x_off, x, mask=mask)
     if PATTERN != 0:
         yp = tl.load(y_ptr + pas_off, mask=mask, other=0.0)
@@ -369,15 +377,31 @@ def _inv_kernel(y_ptr, p_ptr, x_ptr, part_ptr, B, N, K, H, W, parity, stride_xb,
 # --- launchers ---------------------------------------------------------------------------
 
 
+def _interpreted() -> bool:
+    """True when the kernels were built by Triton's interpreter (TRITON_INTERPRET=1 set before
+    triton was imported): they then run on CPU tensors."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - other triton layouts
+        return False
+    return isinstance(_fwd_kernel, InterpretedFunction)
+
+
 def _check(x: Tensor, params: Tensor, pattern: int, parity: int, *others: Tensor):
     """Light validation; returns (B, N, K, H, W, stride_xb, stride_pb)."""
+    if x.device.type != "cuda" and not _interpreted():
+        raise RuntimeError(
+            f"vflow.kernels runs on CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 "
+            "before triton is first imported to run the kernels on CPU under the interpreter"
+        )
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"vflow.kernels takes float32 or float64 tensors, got {x.dtype}; cast float16 / "
+            "bfloat16 to float32 first (the kernels compute in float32 anyway)"
+        )
     for t in (x, params, *others):
-        if t.dtype != torch.float32:
-            raise TypeError(
-                f"vflow.kernels computes in float32 and takes float32 tensors only, got {t.dtype}; "
-                "cast float16/bfloat16 to float32 first, and use the reference or C++ backend "
-                "for float64"
-            )
+        if t.dtype != x.dtype:
+            raise TypeError(f"all tensors must share one dtype, got {t.dtype} and {x.dtype}")
         if t.device != x.device:
             raise ValueError(f"tensors on different devices: {t.device} and {x.device}")
     if params.dim() < 2:
@@ -428,16 +452,17 @@ def _device_guard(t: Tensor):
     return contextlib.nullcontext()
 
 
-def _reduce(partials: Tensor) -> Tensor:
-    # Fixed-order reduction of the per-program partial sums (no atomics).
-    if partials.shape[1] == 1:
-        return partials[:, 0].contiguous()
-    return partials.sum(dim=1)
+def _reduce(partials: Tensor, bsz: int) -> Tensor:
+    """logdet from the (B, programs along N) partial sums: a fixed-order reduction along a
+    fixed axis (no atomics), or the buffer itself when one program covers a sample."""
+    if partials.numel() == bsz:
+        return partials
+    return partials.view(bsz, -1).sum(dim=1)
 
 
 def coupling_fwd(x: Tensor, params: Tensor, smooth: bool, pattern: int, parity: int, *,
                  block: int | None = None) -> tuple[Tensor, Tensor]:
-    """Forward coupling: y (like x) and logdet (B,) float32."""
+    """Forward coupling: y (like x) and logdet (B,) in x's dtype (float32 or float64)."""
     x, params = x.contiguous(), params.contiguous()
     bsz, n, k, h, w, sxb, spb = _check(x, params, pattern, parity)
     y = torch.empty_like(x)
@@ -445,12 +470,12 @@ def coupling_fwd(x: Tensor, params: Tensor, smooth: bool, pattern: int, parity: 
         y.copy_(x)
         return y, x.new_zeros(bsz)
     block_b, block_n, grid = _tiles(bsz, n, block)
-    partials = torch.empty((bsz, grid[1]), device=x.device, dtype=torch.float32)
+    partials = x.new_empty(bsz * grid[1])
     with _device_guard(x):
         _fwd_kernel[grid](x, params, y, partials, bsz, n, k, h, w, int(parity), sxb, spb,
                           grid[1], SMOOTH=bool(smooth), PATTERN=int(pattern),
                           BLOCK_B=block_b, BLOCK_N=block_n, num_warps=NUM_WARPS)
-    return y, _reduce(partials)
+    return y, _reduce(partials, bsz)
 
 
 def coupling_bwd(x: Tensor, params: Tensor, grad_out: Tensor, grad_logdet: Tensor, smooth: bool,
@@ -479,7 +504,7 @@ def coupling_bwd(x: Tensor, params: Tensor, grad_out: Tensor, grad_logdet: Tenso
 def coupling_inv(y: Tensor, params: Tensor, smooth: bool, pattern: int, parity: int,
                  max_iters: int, newton: bool, *,
                  block: int | None = None) -> tuple[Tensor, Tensor]:
-    """Inverse coupling: x (like y) and logdet = -(forward logdet at x), (B,) float32."""
+    """Inverse coupling: x (like y) and logdet = -(forward logdet at x), (B,) in y's dtype."""
     y, params = y.contiguous(), params.contiguous()
     bsz, n, k, h, w, sxb, spb = _check(y, params, pattern, parity)
     if int(max_iters) < 0:
@@ -489,10 +514,10 @@ def coupling_inv(y: Tensor, params: Tensor, smooth: bool, pattern: int, parity: 
         x.copy_(y)
         return x, y.new_zeros(bsz)
     block_b, block_n, grid = _tiles(bsz, n, block)
-    partials = torch.empty((bsz, grid[1]), device=y.device, dtype=torch.float32)
+    partials = y.new_empty(bsz * grid[1])
     with _device_guard(y):
         _inv_kernel[grid](y, params, x, partials, bsz, n, k, h, w, int(parity), sxb, spb,
                           grid[1], int(max_iters), SMOOTH=bool(smooth), PATTERN=int(pattern),
-                          NEWTON=bool(newton), BLOCK_B=block_b, BLOCK_N=block_n,
+                          NEWTON=bool(newton), TINY=torch.finfo(y.dtype).eps, BLOCK_B=block_b, BLOCK_N=block_n,
                           num_warps=NUM_WARPS)
-    return x, _reduce(partials)
+    return x, _reduce(partials, bsz)

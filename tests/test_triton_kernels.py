@@ -238,6 +238,7 @@ def test_deterministic(device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy overflows
 def test_extreme_parameters_finite(device):
     """Saturating parameters: outputs stay finite (log-space CDF, no logit(exp(.)))."""
     k, batch, n = 4, 2, 16
@@ -276,6 +277,20 @@ def test_extreme_parameters_finite(device):
         assert torch.isfinite(xi).all() and torch.isfinite(li).all()
 
 
+def test_inverse_smooth_out_of_range(device):
+    """Smooth variant: y outside the attainable range is clamped (F* in [eps32, 1 - eps32]),
+    as the float32 reference does, instead of producing NaN."""
+    x, params = make_inputs(2, (4,), 3, PLAIN, device)
+    y = torch.tensor([[-1e3, -10.0, 10.0, 1e3]], dtype=torch.float64, device=device).expand(2, 4)
+    params[:, 0] = 0.0  # exp(tanh(a)) = 1: attainable y - b in (-2.944, 2.944)
+    params[:, 1] = 0.0
+    x_k, ld_k = vk.coupling_inv(*f32(y, params), True, PLAIN, 0, 30, True)
+    x_e, ld_e = R.coupling_inv(*f32(y, params), True, PLAIN, 0, 30, True)
+    assert torch.isfinite(x_k).all() and torch.isfinite(ld_k).all()
+    torch.testing.assert_close(x_k, x_e, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ld_k, ld_e, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("pattern", [PLAIN, CHECKERBOARD])
 def test_empty_batch(pattern, device):
     shape = (0, 5) if pattern == PLAIN else (0, 2, 2, 4)
@@ -290,15 +305,36 @@ def test_empty_batch(pattern, device):
     assert xi.shape == x.shape and li.shape == (0,)
 
 
+@pytest.mark.parametrize("pattern", [PLAIN, STRIPE])
+def test_float64_matches_reference_to_machine_precision(pattern, device):
+    """float64 tensors are computed in float64 (same kernels, dtype-generic constants)."""
+    shape = (7,) if pattern == PLAIN else (1, 3, 6)
+    x, params = make_inputs(2, shape, 3, pattern, device)
+    y, ld = vk.coupling_fwd(x, params, True, pattern, 1)
+    y64, ld64 = R.coupling_fwd(x, params, True, pattern, 1)
+    assert y.dtype == ld.dtype == torch.float64
+    torch.testing.assert_close(y, y64, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ld, ld64, rtol=1e-12, atol=1e-12)
+    go, gl = torch.randn_like(x), torch.randn(2, dtype=torch.float64, device=device)
+    for inverse in (False, True):
+        gi, gp = vk.coupling_bwd(x, params, go, gl, True, pattern, 1, inverse)
+        gi64, gp64 = R.coupling_bwd(x, params, go, gl, True, pattern, 1, inverse)
+        torch.testing.assert_close(gi, gi64, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gp, gp64, rtol=1e-10, atol=1e-12)
+    x_hat, ld_inv = vk.coupling_inv(y64, params, True, pattern, 1, 20, True)
+    torch.testing.assert_close(x_hat, x, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ld_inv, -ld64, rtol=1e-10, atol=1e-10)
+
+
 def test_rejects_other_dtypes(device):
-    x = torch.randn(2, 3, dtype=torch.float64, device=device)
-    params = torch.randn(2, 5, 3, dtype=torch.float64, device=device)
+    x = torch.randn(2, 3, device=device)
+    params = torch.randn(2, 5, 3, device=device)
     with pytest.raises(TypeError, match="float32"):
-        vk.coupling_fwd(x, params, True, PLAIN, 0)
+        vk.coupling_fwd(x.half(), params.half(), True, PLAIN, 0)
     with pytest.raises(TypeError, match="float32"):
-        vk.coupling_inv(x, params, True, PLAIN, 0, 5, True)
-    with pytest.raises(TypeError, match="float32"):
-        vk.coupling_bwd(x.half(), params.half(), x.half(), x[:, 0].half(), True, PLAIN, 0, False)
+        vk.coupling_inv(x.bfloat16(), params.bfloat16(), True, PLAIN, 0, 5, True)
+    with pytest.raises(TypeError, match="one dtype"):
+        vk.coupling_bwd(x, params.double(), x, x[:, 0], True, PLAIN, 0, False)
 
 
 def test_rejects_bad_shapes(device):
