@@ -518,6 +518,6 @@ def coupling_inv(y: Tensor, params: Tensor, smooth: bool, pattern: int, parity: 
     with _device_guard(y):
         _inv_kernel[grid](y, params, x, partials, bsz, n, k, h, w, int(parity), sxb, spb,
                           grid[1], int(max_iters), SMOOTH=bool(smooth), PATTERN=int(pattern),
-                          NEWTON=bool(newton), TINY=torch.finfo(y.dtype).eps, BLOCK_B=block_b, BLOCK_N=block_n,
-                          num_warps=NUM_WARPS)
+                          NEWTON=bool(newton), TINY=torch.finfo(y.dtype).eps,
+                          BLOCK_B=block_b, BLOCK_N=block_n, num_warps=NUM_WARPS)
     return x, _reduce(partials, bsz)

@@ -144,7 +144,7 @@ def test_backward_log_scale_clamp(device):
 # --- inverse -----------------------------------------------------------------------------
 
 INV_CASES = [c for c in CASES if c[3] <= 5]
-INV_IDS = [i for c, i in zip(CASES, CASE_IDS) if c[3] <= 5]
+INV_IDS = [i for c, i in zip(CASES, CASE_IDS, strict=True) if c[3] <= 5]
 
 
 def _check_inverse(case, newton, max_iters, device):
@@ -214,7 +214,7 @@ def test_masked_tails_and_small_blocks(pattern, device):
         xi, li = vk.coupling_inv(y64.float(), pf, True, pattern, 1, 3, True, block=block)
         outs.append((y, ld, gi, gp, xi, li))
     for other in outs[1:]:
-        for a, b in zip(outs[0], other):
+        for a, b in zip(outs[0], other, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         # elementwise outputs do not depend on the tiling at all
         for i in (0, 2, 3, 4):
@@ -234,7 +234,7 @@ def test_deterministic(device):
         return y, ld, gi, gp, xi, li
 
     first, second = run(), run()
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 
