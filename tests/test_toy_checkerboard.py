@@ -1,0 +1,159 @@
+"""Tests of the section-5 toy models (vflow.toy) and benchmarks/toy_checkerboard.py."""
+
+import csv
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+
+from vflow import toy
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_checkerboard.py"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: one thread is much faster (and immune to a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("toy_checkerboard", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def perturbed(model, scale=0.3):
+    """Cast to float64, in place, with every parameter moved off its (identity) initialisation."""
+    model.double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+def test_sampler_is_uniform_on_the_black_cells():
+    n = 80_000
+    x = toy.sample_checkerboard(n, torch.Generator().manual_seed(0))
+    assert x.shape == (n, 2)
+    assert (x.abs() <= 4).all()
+    cell = torch.floor(x / 2).long() + 2  # 0..3 per axis
+    counts = torch.zeros(4, 4)
+    counts.index_put_((cell[:, 0], cell[:, 1]), torch.ones(n), accumulate=True)
+    black = (torch.arange(4)[:, None] + torch.arange(4)[None, :]) % 2 == 0
+    assert counts[~black].sum() == 0, "points on the wrong colour"
+    expected, sd = n / 8, math.sqrt(n / 8 * (1 - 1 / 8))
+    assert (counts[black] - expected).abs().max() < 5 * sd, counts
+    # uniform within a cell: the offset inside the cell is U(0, 2): mean 1, variance 4/12
+    frac = x - 2 * torch.floor(x / 2)
+    assert torch.allclose(frac.mean(0), torch.ones(2), atol=0.02)
+    assert torch.allclose(frac.var(0), torch.full((2,), 4 / 12), atol=0.02)
+    # the density function agrees with the sampler and integrates to 1
+    assert (toy.checkerboard_density(x) == 1 / 32).all()
+    g = (torch.arange(200) + 0.5) / 200 * 8 - 4
+    grid = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).view(-1, 2)
+    assert toy.checkerboard_density(grid).sum() * (8 / 200) ** 2 == pytest.approx(1.0)
+
+
+FLOWS = {
+    "glow D=2 L=3": (lambda: toy.Glow(2, 3).flow, 2, 0),
+    "glow D=10 L=2": (lambda: toy.Glow(10, 2).flow, 10, 0),
+    "q D_Z=8": (lambda: toy.CondFlow(8, 2).flow, 8, 2),
+    "q D_Z=2": (lambda: toy.CondFlow(2, 2).flow, 2, 2),
+    "q D_Z=1 (Gaussian)": (lambda: toy.CondFlow(1, 2).flow, 1, 2),
+}
+
+
+@pytest.mark.parametrize("name", list(FLOWS))
+def test_inverse_and_logdet(name):
+    make, dim, cdim = FLOWS[name]
+    flow = perturbed(make())
+    x = 2 * torch.randn(5, dim, dtype=torch.float64)
+    c = torch.randn(5, cdim, dtype=torch.float64) if cdim else None
+    y, logdet = flow(x, c)
+    assert not torch.allclose(y, x, atol=1e-2), "the flow should not be the identity"
+    x_back, logdet_inv = flow.inverse(y, c)
+    torch.testing.assert_close(x_back, x, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(logdet_inv, -logdet, atol=1e-9, rtol=1e-9)
+    for i in range(x.shape[0]):
+        ci = None if c is None else c[i : i + 1]
+        jac = jacobian(lambda v, ci=ci: flow(v[None], ci)[0][0], x[i])
+        assert logdet[i].item() == pytest.approx(torch.linalg.slogdet(jac)[1].item(), abs=1e-9)
+
+
+def test_conditional_flow_depends_on_context():
+    flow = perturbed(toy.CondFlow(4, 2).flow)
+    z = torch.randn(3, 4, dtype=torch.float64)
+    c = torch.randn(3, 2, dtype=torch.float64)
+    assert not torch.allclose(flow(z, c)[0], flow(z, c + 1)[0])
+
+
+def test_importance_sampling_bounds_and_converges():
+    """ELBO <= E[S-sample IS estimate] ~= log p(x); log p(x) = log int p(x, z) dz by quadrature
+    for a 3-dim VFlow (D_Z = 1)."""
+    model = toy.VFlow(3, 3).double()
+    perturbed(model.p, scale=0.2)  # q stays at its initialisation N(0, 1): wide enough for
+    x = toy.sample_checkerboard(4, torch.Generator().manual_seed(1)).double()  # 1e5 samples
+    zs = torch.linspace(-40, 40, 40_001, dtype=torch.float64)
+    exact = []
+    with torch.no_grad():
+        for xi in x:
+            lp = model.p.log_prob(torch.cat([xi.expand(len(zs), 2), zs[:, None]], 1))
+            exact.append(torch.logsumexp(lp, 0) + math.log(zs[1] - zs[0]))
+        exact = torch.stack(exact)
+        reps = 400
+        xr = x.repeat(reps, 1)
+        elbo = model.elbo(xr).view(reps, -1).mean(0)
+        is8 = model.log_likelihood(xr, samples=8).view(reps, -1).mean(0)
+        is_big = model.log_likelihood(x, samples=100_000)
+    assert (exact - elbo).mean() > 0.05, "the model should leave a gap between ELBO and log p"
+    assert (is8 - elbo).mean() > 0.02 and (is8 >= elbo - 0.01).all()
+    assert (is8 < exact + 0.02).all()
+    torch.testing.assert_close(is_big, exact, atol=0.03, rtol=0)
+
+
+def test_glow_density_grid_is_normalised():
+    model = perturbed(toy.Glow(2, 2), scale=0.1).float()
+    dens = toy.density_grid(model, n=100, lim=12.0)
+    assert dens.shape == (100, 100)
+    assert dens.sum().item() * (24 / 100) ** 2 == pytest.approx(1.0, abs=0.02)
+
+
+def test_short_training_improves_the_likelihood():
+    before = toy.train_and_evaluate(2, 2, seed=0, iters=0, threads=None)["test_ll"]
+    after = toy.train_and_evaluate(2, 2, seed=0, iters=300, threads=None)["test_ll"]
+    x = toy.fixed_test_set()  # an untrained model is N(0, I) exactly
+    assert before == pytest.approx((-math.log(2 * math.pi) - x.pow(2).sum(1) / 2).mean().item())
+    assert after > before + 0.3
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_quick_run_writes_outputs(tmp_path, workers):
+    script = load_script()
+    args = ["--dims", "2,10", "--steps", "3", "--iters", "40", "--seeds", "2"]
+    args += ["--samples", "8", "--density-px", "24", "--workers", str(workers)]
+    rows = script.main(args + ["--out", str(tmp_path)])
+    with open(tmp_path / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(int(r["dims"]), int(r["steps"])) for r in table] == [(2, 3), (10, 3)]
+    for r, row in zip(table, rows):
+        assert int(r["seeds"]) == 2 and int(r["iters"]) == 40
+        assert int(r["params"]) == toy.n_params(toy.make_model(int(r["dims"]), 3))
+        assert -12 < float(r["ll_mean"]) < -math.log(32) + 0.1
+        assert 0 < float(r["ll_std"]) < 2
+        assert float(r["ll_mean"]) == pytest.approx(row["ll_mean"])
+    with open(tmp_path / "runs.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    import matplotlib.image as mpimg
+
+    for name in ["ll_vs_params", "density", "density_data", "density_D2_L3", "density_D10_L3"]:
+        img = mpimg.imread(tmp_path / f"{name}.png")
+        assert img.ndim == 3 and img.shape[0] >= 24 and img.std() > 0, name
+    assert not (tmp_path / "density_D2_L20.png").exists()  # not in this grid
