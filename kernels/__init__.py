@@ -35,6 +35,10 @@ Design
 * Devices: CUDA tensors (launched under the tensor's device guard on torch's current stream);
   CPU tensors only under the interpreter, otherwise ``RuntimeError``.
 
+Without a GPU, ``python -m vflow.kernels._aot [arch]`` (TRITON_INTERPRET unset) compiles every
+kernel variant to a cubin for sm_<arch> with Triton's bundled ptxas, which catches compile
+errors the interpreter cannot (the sm_90 fp32 kernels use ~56 registers, no spills).
+
 Every launcher also takes a keyword-only ``block`` (a power of two, default 256) to change
 the tile size, used by the tests to force several programs and masked tails on small shapes.
 """

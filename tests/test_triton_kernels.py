@@ -9,6 +9,10 @@ float32 (eager32); elementwise |kernel - ref64| <= 2 |eager32 - ref64| + atol + 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -345,6 +349,20 @@ def test_rejects_bad_shapes(device):
         vk.coupling_fwd(x, torch.randn(2, 5, 3, 4, 4, device=device), True, STRIPE, 0)  # not W/2
     with pytest.raises(ValueError):
         vk.coupling_fwd(x[..., :3], torch.randn(2, 5, 3, 4, 1, device=device), True, STRIPE, 0)
+
+
+def test_kernels_compile_for_sm90_without_gpu():
+    """The interpreter does not compile the kernels; compile them to a cubin for sm_90 with
+    Triton's bundled ptxas (no GPU needed), in a subprocess without TRITON_INTERPRET."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "vflow.kernels._aot", "90", "--quick"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count(": ok") == 15, proc.stdout
 
 
 # --- GPU only: a realistic shape (many programs, K = 32) -----------------------------------

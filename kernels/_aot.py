@@ -1,0 +1,84 @@
+"""Ahead-of-time compilation of the kernels for a CUDA target, without a GPU.
+
+``python -m vflow.kernels._aot [arch] [--quick]`` compiles every kernel variant (fp32 and
+fp64, every pattern, forward / both backward modes / Newton and bisection inverse, the tile
+shapes the launchers use) down to a cubin for ``sm_<arch>`` (default 90) with Triton's
+bundled ptxas, and prints one line per kernel. It catches compile errors that the interpreter
+does not (type of loop-carried values, layouts, 1-wide tiles) on a machine without a GPU.
+TRITON_INTERPRET must be unset: the interpreter replaces the kernels by Python functions.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def compile_all(arch: int = 90, dtypes=("fp32", "fp64"), patterns=(0, 1, 2),
+                tiles=((1, 256), (256, 1), (16, 16)), verbose: bool = True) -> list[str]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import _coupling as c
+
+    if not isinstance(c._fwd_kernel, triton.runtime.jit.JITFunction) or hasattr(
+        c._fwd_kernel, "interpreter_builder"
+    ):
+        raise RuntimeError("unset TRITON_INTERPRET to compile the kernels ahead of time")
+    target = GPUTarget("cuda", arch, 32)
+    scalars = dict(B="i32", N="i32", K="i32", H="i32", W="i32", parity="i32", stride_xb="i64",
+                   stride_pb="i64", NUM_NB="i32", max_iters="i32")
+    done = []
+
+    def build(fn, ptr_names, ptr_type, constexprs, name):
+        signature = {}
+        for arg in fn.arg_names:
+            if arg in constexprs:
+                signature[arg] = "constexpr"
+            elif arg in ptr_names:
+                signature[arg] = ptr_type
+            else:
+                signature[arg] = scalars[arg]
+        src = ASTSource(fn, signature,
+                        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+        start = time.perf_counter()
+        kernel = triton.compile(src, target=target, options={"num_warps": c.NUM_WARPS})
+        assert kernel.asm.get("cubin"), name
+        line = f"{name}: ok ({time.perf_counter() - start:.1f}s, shared {kernel.metadata.shared})"
+        done.append(line)
+        if verbose:
+            print(line, flush=True)
+
+    for dt in dtypes:
+        ptr = f"*{dt}"
+        tiny = 1.1920928955078125e-07 if dt == "fp32" else 2.220446049250313e-16
+        for pattern in patterns:
+            for block_b, block_n in tiles:
+                cfg = dict(SMOOTH=True, PATTERN=pattern, BLOCK_B=block_b, BLOCK_N=block_n)
+                tag = f"{dt} pattern={pattern} tile={block_b}x{block_n}"
+                build(c._fwd_kernel, {"x_ptr", "p_ptr", "y_ptr", "part_ptr"}, ptr, cfg,
+                      f"fwd {tag}")
+                for inverse in (False, True):
+                    build(c._bwd_kernel,
+                          {"x_ptr", "p_ptr", "go_ptr", "gl_ptr", "gi_ptr", "gp_ptr"}, ptr,
+                          dict(cfg, INVERSE=inverse), f"bwd inverse={inverse} {tag}")
+                for newton in (False, True):
+                    build(c._inv_kernel, {"y_ptr", "p_ptr", "x_ptr", "part_ptr"}, ptr,
+                          dict(cfg, NEWTON=newton, TINY=tiny), f"inv newton={newton} {tag}")
+    return done
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    arch = int(argv[0]) if argv else 90
+    quick = "--quick" in argv
+    if quick:  # the variants most likely to break: 1-wide tiles, float64, checkerboard
+        compile_all(arch, dtypes=("fp32",), patterns=(1,), tiles=((1, 256), (256, 1)))
+        compile_all(arch, dtypes=("fp64",), patterns=(2,), tiles=((16, 16),))
+    else:
+        compile_all(arch)
+
+
+if __name__ == "__main__":
+    main()
