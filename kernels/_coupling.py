@@ -483,7 +483,10 @@ def coupling_bwd(x: Tensor, params: Tensor, grad_out: Tensor, grad_logdet: Tenso
                  block: int | None = None) -> tuple[Tensor, Tensor]:
     """VJP of the forward (inverse=False) or of the inverse at its output x (inverse=True)."""
     x, params = x.contiguous(), params.contiguous()
-    grad_out, grad_logdet = grad_out.contiguous(), grad_logdet.contiguous()
+    # Incoming gradients are cast to the compute dtype (autograd may hand a float32 logdet
+    # gradient to a float64 op); the saved x and params must already share one dtype.
+    grad_out = grad_out.to(x.dtype).contiguous()
+    grad_logdet = grad_logdet.to(x.dtype).contiguous()
     bsz, n, k, h, w, sxb, spb = _check(x, params, pattern, parity, grad_out, grad_logdet)
     if grad_out.shape != x.shape or grad_logdet.shape != (bsz,):
         raise ValueError("grad_out must be shaped like x and grad_logdet like (B,)")

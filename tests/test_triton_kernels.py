@@ -339,6 +339,11 @@ def test_rejects_other_dtypes(device):
         vk.coupling_inv(x.bfloat16(), params.bfloat16(), True, PLAIN, 0, 5, True)
     with pytest.raises(TypeError, match="one dtype"):
         vk.coupling_bwd(x, params.double(), x, x[:, 0], True, PLAIN, 0, False)
+    # incoming gradients are cast to the compute dtype
+    g32 = vk.coupling_bwd(x, params, x, x[:, 0], True, PLAIN, 0, False)
+    g_mixed = vk.coupling_bwd(x, params, x.double(), x[:, 0].double(), True, PLAIN, 0, False)
+    for a, b in zip(g32, g_mixed, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_rejects_bad_shapes(device):
