@@ -17,7 +17,11 @@ if sources and os.environ.get("VFLOW_NO_EXT", "0") != "1":
         CppExtension(
             "vflow._C",
             sources,
-            extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
+            # No -march/-ffast-math: the kernels pick AVX-512 / AVX2 / baseline code at run
+            # time (target attributes in csrc/coupling.cpp) and keep IEEE inf/NaN semantics.
+            # -Wno-psabi: 64-byte vector types are only passed between always_inline helpers.
+            extra_compile_args={"cxx": ["-O3", "-fopenmp", "-Wno-psabi"]},
+            depends=sorted(glob.glob("csrc/*.h")),
             extra_link_args=["-fopenmp"],
         )
     )
@@ -25,7 +29,7 @@ if sources and os.environ.get("VFLOW_NO_EXT", "0") != "1":
 setup(
     name="vflow",
     version="0.1.0",
-    description="Fast VFlow: fused mixture-of-logistics coupling kernels and a complete VFlow model",
+    description="Fast VFlow: fused mixture-of-logistics coupling kernels and the VFlow model",
     packages=["vflow", "vflow.kernels"],
     package_dir={"vflow": "vflow", "vflow.kernels": "kernels"},
     python_requires=">=3.10",

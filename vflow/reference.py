@@ -240,5 +240,7 @@ def coupling_inv(
             x = solve_inverse(y, params, smooth, max_iters, newton)
         else:
             active, passive = split(y, pattern, parity)
-            x = merge(solve_inverse(active, params, smooth, max_iters, newton), passive, pattern, parity)
+            x = merge(
+                solve_inverse(active, params, smooth, max_iters, newton), passive, pattern, parity
+            )
         return x, -coupling_fwd(x, params, smooth, pattern, parity)[1]
