@@ -31,7 +31,8 @@ Design
   computed in float64 by the same kernels (every constant is materialised in the tensor's
   dtype; the smooth inverse clamps F* to the dtype's machine epsilon, like the reference),
   logdet float64; this matches the reference to ~1e-15. float16/bfloat16 (which the ops layer
-  casts to float32 before calling) and mixed dtypes raise ``TypeError``.
+  casts to float32 before calling) and x / params of different dtypes raise ``TypeError``;
+  incoming gradients are cast to the compute dtype.
 * Devices: CUDA tensors (launched under the tensor's device guard on torch's current stream);
   CPU tensors only under the interpreter, otherwise ``RuntimeError``.
 
