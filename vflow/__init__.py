@@ -5,3 +5,7 @@ their eager oracle in ``vflow.reference``, and a complete VFlow model built on t
 """
 
 __version__ = "0.1.0"
+
+from vflow.models import build  # noqa: E402
+
+__all__ = ["build", "__version__"]

@@ -1,0 +1,472 @@
+"""Flow++ and VFlow image models (paper sections 3 and 6, appendix B), and named configs.
+
+Both models take integer images x (B, C, H, W) in [0, n_bins) and share:
+
+* r(u | x), the variational dequantiser: eps_r ~ N(0, I) (B, C, H, W) -> conditional flow
+  (couplings conditioned on ``ContextNet(x / n_bins - 0.5)``) -> Sigmoid -> u in (0, 1);
+  log r(u|x) = log N(eps_r) - logdet.
+* the preprocessing ``ImageToLogit``: v = x + u -> y = logit(0.05 + 0.9 v / n_bins), with its
+  logdet, so that bits per dimension need no separate quantisation term.
+* p, the main flow with a standard normal prior.
+
+``FlowPlusPlus``: log P(x) >= E_r[log p(y) + logdet_pre - log r(u|x)].
+
+``VFlow`` adds q(z | x + u): eps_q ~ N(0, I) (B, Cz, H, W) -> conditional flow (couplings
+conditioned on ``ContextNet(y)``, y the dequantised logit-space image) -> Sigmoid -> z in
+(0, 1)^Cz, and p is a flow over the Cx + Cz channels of cat(y, z). Eq. 7 of the paper:
+
+    log P(x) >= E_{r, q}[ log p(y, z) + logdet_pre - log q(z | y) - log r(u | x) ].
+
+Methods: ``elbo``, ``bpd``, ``log_prob`` (importance-weighted, Eq. 5), ``sample``,
+``initialize`` (data-dependent ActNorm init), ``set_backend``; attribute ``config``.
+Use ``vflow.build(name, backend=..., **overrides)`` for the named configurations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vflow import ops
+from vflow.flows import (
+    ActNorm,
+    AugmentedAffineCoupling,
+    Compose,
+    ImageToLogit,
+    MixLogisticCoupling,
+    Sigmoid,
+    SpaceToDepth,
+    coupling_block,
+)
+from vflow.nets import ContextNet
+
+__all__ = [
+    "Step",
+    "ModelConfig",
+    "FlowPlusPlus",
+    "VFlow",
+    "CONFIGS",
+    "build",
+    "parameter_counts",
+    "describe",
+]
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+# --- architecture description -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """``count`` consecutive blocks of one kind (the paper's ``kind(B, D_H, K) x count``).
+
+    kind: "checker" or "channel" (MoL coupling blocks; ``attention`` True = f_*, False = g_*),
+    "affine" (f_affine(B, D_H) of Table 5) or "squeeze" (SpaceToDepth).
+    """
+
+    kind: str
+    count: int = 1
+    blocks: int = 0
+    filters: int = 0
+    components: int = 0
+    attention: bool = True
+
+    def __str__(self) -> str:
+        if self.kind == "squeeze":
+            return "SpaceToDepth"
+        if self.kind == "affine":
+            return f"f_affine({self.blocks}, {self.filters}) x {self.count}"
+        prefix = "f" if self.attention else "g"
+        return f"{prefix}_{self.kind}({self.blocks}, {self.filters}, {self.components}) x {self.count}"
+
+
+def f_checker(blocks, filters, components, count=1):
+    return Step("checker", count, blocks, filters, components, True)
+
+
+def f_channel(blocks, filters, components, count=1):
+    return Step("channel", count, blocks, filters, components, True)
+
+
+def g_checker(blocks, filters, components, count=1):
+    return Step("checker", count, blocks, filters, components, False)
+
+
+def f_affine(blocks, filters):
+    return Step("affine", 1, blocks, filters, 0, False)
+
+
+SQUEEZE = Step("squeeze")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build a model. ``kind`` is "flowpp" or "vflow"."""
+
+    name: str
+    kind: str
+    data_shape: tuple[int, int, int]
+    n_bins: int
+    p: tuple[Step, ...]
+    r: tuple[Step, ...]
+    q: tuple[Step, ...] = ()
+    extra_channels: int = 0
+    smooth: bool = True  # VFlow's logit(0.05 + 0.9 F) coupling (False: Flow++'s logit(F))
+    pattern: str = "stripe"  # official CheckerboardSplit = even / odd columns
+    heads: int = 4
+    context_filters: int = 32
+    context_blocks: int = 3
+    dropout: float = 0.0
+    paper_params: int | None = None
+    notes: str = ""
+
+    @property
+    def dims(self) -> int:
+        c, h, w = self.data_shape
+        return c * h * w
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for key in ("p", "q", "r"):
+            d[key] = [str(s) for s in getattr(self, key)]
+        return d
+
+
+def _build_flow(steps, shape, cfg: ModelConfig, *, backend: str, context_channels: int = 0,
+                x_channels: int | None = None):
+    """Compose the blocks of ``steps`` on input ``shape``; returns (flow, output shape)."""
+    c, h, w = shape
+    layers = []
+    for step in steps:
+        if step.kind == "squeeze":
+            layers.append(SpaceToDepth())
+            c, h, w = 4 * c, h // 2, w // 2
+        elif step.kind == "affine":
+            if x_channels is None or x_channels >= c:
+                raise ValueError("f_affine needs extra (augmented) channels")
+            layers.append(AugmentedAffineCoupling(x_channels, c - x_channels, (h, w),
+                                                  filters=step.filters, blocks=step.blocks,
+                                                  dropout=cfg.dropout))
+        elif step.kind in ("checker", "channel"):
+            for i in range(step.count):
+                layers.append(coupling_block(
+                    (c, h, w), split=step.kind, parity=1 - i % 2, blocks=step.blocks,
+                    filters=step.filters, components=step.components, attention=step.attention,
+                    pattern=cfg.pattern, heads=cfg.heads, context_channels=context_channels,
+                    dropout=cfg.dropout, smooth=cfg.smooth, backend=backend,
+                ))
+        else:
+            raise ValueError(f"unknown step kind {step.kind!r}")
+    return Compose(layers), (c, h, w)
+
+
+def _std_normal_logp(eps) -> Tensor:
+    """sum log N(eps; 0, I) per sample; eps a tensor or a tuple of tensors."""
+    parts = eps if isinstance(eps, tuple) else (eps,)
+    return sum(-0.5 * (p.flatten(1).square().sum(1) + p[0].numel() * LOG_2PI) for p in parts)
+
+
+# --- models ----------------------------------------------------------------------------------
+
+
+class FlowPlusPlus(nn.Module):
+    """Flow++: variational dequantiser r(u|x) + main flow p over the logit-space image."""
+
+    def __init__(self, config: ModelConfig, backend: str = "auto"):
+        super().__init__()
+        self.config = config
+        c, h, w = config.data_shape
+        self.preprocess = ImageToLogit(config.n_bins)
+        self.r_context = ContextNet(c, config.context_filters, config.context_blocks,
+                                    config.pattern, config.dropout)
+        r_flow, _ = _build_flow(config.r, (c, h, w), config, backend=backend,
+                                context_channels=config.context_filters)
+        self.r_flow = Compose([*r_flow.layers, Sigmoid()])
+        self.p_flow, self.latent_shape = _build_flow(
+            config.p, (c + config.extra_channels, h, w), config, backend=backend, x_channels=c
+        )
+        self.set_backend(backend)
+
+    # -- helpers --
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _check_images(self, x) -> Tensor:
+        """Validate integer images (B, C, H, W) in [0, n_bins); return them as floats."""
+        cfg = self.config
+        if not isinstance(x, Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(
+                f"images must be an integer tensor with values in [0, {cfg.n_bins}), got dtype "
+                f"{x.dtype}; quantise float images first (e.g. x.round().long())"
+            )
+        if x.dim() != 4:
+            raise ValueError(f"images must have shape (B, C, H, W), got {tuple(x.shape)}")
+        c, h, w = cfg.data_shape
+        if x.shape[1] != c:
+            raise ValueError(f"{cfg.name} expects {c} channels, got {x.shape[1]} "
+                             f"(shape {tuple(x.shape)})")
+        if tuple(x.shape[2:]) != (h, w):
+            raise ValueError(f"{cfg.name} expects {h}x{w} images, got "
+                             f"{x.shape[2]}x{x.shape[3]}")
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= cfg.n_bins):
+            raise ValueError(f"image values must lie in [0, {cfg.n_bins}), got range "
+                             f"[{int(x.min())}, {int(x.max())}]")
+        return x.to(device=self._device, dtype=self._dtype)
+
+    def _dequantise(self, x: Tensor, eps_r: Tensor | None):
+        """u ~ r(u|x) and log r(u|x); x float (B, C, H, W)."""
+        if eps_r is None:
+            eps_r = torch.randn_like(x)
+        context = self.r_context(x / self.config.n_bins - 0.5)
+        u, logdet = self.r_flow(eps_r, context)
+        return u, _std_normal_logp(eps_r) - logdet
+
+    def _augment(self, y: Tensor, eps_q: Tensor | None):
+        """Flow++ has no augmentation: (y, log q = 0)."""
+        if eps_q is not None:
+            raise ValueError("FlowPlusPlus has no augmentation noise eps_q")
+        return y, y.new_zeros(y.shape[0])
+
+    def _objective(self, x: Tensor, eps_r=None, eps_q=None) -> Tensor:
+        """Eq. 7 per image (B,) for float-valued integer images x."""
+        u, log_r = self._dequantise(x, eps_r)
+        y, logdet_pre = self.preprocess(x + u)
+        xz, log_q = self._augment(y, eps_q)
+        eps, logdet_p = self.p_flow(xz)
+        return _std_normal_logp(eps) + logdet_p + logdet_pre - log_r - log_q
+
+    # -- public API --
+
+    def elbo(self, x: Tensor, *, eps_r: Tensor | None = None, eps_q: Tensor | None = None) -> Tensor:
+        """Lower bound (B,) in nats on log P(x) of the discrete images x (one (u, z) draw).
+        ``eps_r`` (B, C, H, W) / ``eps_q`` (B, Cz, H, W) fix the standard normal noise."""
+        return self._objective(self._check_images(x), eps_r, eps_q)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.elbo(x)
+
+    def bpd(self, x: Tensor) -> Tensor:
+        """-elbo / (D ln 2), shape (B,)."""
+        return -self.elbo(x) / (self.config.dims * math.log(2))
+
+    def _noise(self, indices, batch: int, seed: int):
+        """Sample-major standard normal noise for the importance samples ``indices``: sample s
+        uses a generator seeded with seed + s, so chunking does not change the draws."""
+        c, h, w = self.config.data_shape
+        cz = self.config.extra_channels
+        eps_r, eps_q = [], []
+        for s in indices:
+            g = torch.Generator().manual_seed(seed + s)
+            eps_r.append(torch.randn(batch, c, h, w, generator=g, dtype=torch.float64))
+            if cz:
+                eps_q.append(torch.randn(batch, cz, h, w, generator=g, dtype=torch.float64))
+        move = dict(device=self._device, dtype=self._dtype)
+        return torch.cat(eps_r).to(**move), (torch.cat(eps_q).to(**move) if cz else None)
+
+    @torch.no_grad()
+    def log_prob(self, x: Tensor, num_samples: int = 64, chunk_size: int | None = None,
+                 seed: int | None = None) -> Tensor:
+        """Importance-weighted estimate (Eq. 5) of log P(x), (B,) float64:
+        logsumexp_s(objective_s) - log S with S fresh (u, z) draws per image, evaluated
+        ``chunk_size`` samples at a time (default: about 256 images per forward pass)."""
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        x = self._check_images(x)
+        batch = x.shape[0]
+        chunk = chunk_size or max(1, 256 // max(batch, 1))
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        weights = []
+        for start in range(0, num_samples, chunk):
+            idx = range(start, min(start + chunk, num_samples))
+            eps_r, eps_q = self._noise(idx, batch, seed)
+            xs = x.repeat(len(idx), 1, 1, 1)
+            weights.append(self._objective(xs, eps_r, eps_q).double().view(len(idx), batch))
+        return torch.logsumexp(torch.cat(weights), dim=0) - math.log(num_samples)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+        """n images (n, C, H, W), long, in [0, n_bins): invert p from N(0, T^2 I)."""
+        eps = torch.randn(n, *self.latent_shape, device=self._device, dtype=self._dtype)
+        xz, _ = self.p_flow.inverse(eps * temperature)
+        v, _ = self.preprocess.inverse(xz[:, : self.config.data_shape[0]])
+        return v.floor().clamp(0, self.config.n_bins - 1).long()
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> "FlowPlusPlus":
+        """Data-dependent initialisation of every ActNorm on the batch x (no grad)."""
+        for m in self.modules():
+            if isinstance(m, ActNorm):
+                m.reset_initialization()
+        self.elbo(x)
+        return self
+
+    def set_backend(self, name: str) -> "FlowPlusPlus":
+        """Select the coupling backend ("auto", "reference", "cpp", "triton") everywhere."""
+        if name not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {name!r}")
+        for m in self.modules():
+            if isinstance(m, MixLogisticCoupling):
+                m.backend = name
+        self.backend = name
+        return self
+
+
+class VFlow(FlowPlusPlus):
+    """VFlow: r(u|x), q(z|x+u) and the joint flow p(x, z) over C + Cz channels."""
+
+    def __init__(self, config: ModelConfig, backend: str = "auto"):
+        if config.extra_channels < 1:
+            raise ValueError("VFlow needs extra_channels >= 1 (use FlowPlusPlus otherwise)")
+        super().__init__(config, backend)
+        c, h, w = config.data_shape
+        self.q_context = ContextNet(c, config.context_filters, config.context_blocks,
+                                    config.pattern, config.dropout)
+        q_flow, _ = _build_flow(config.q, (config.extra_channels, h, w), config, backend=backend,
+                                context_channels=config.context_filters)
+        self.q_flow = Compose([*q_flow.layers, Sigmoid()])
+        self.set_backend(backend)
+
+    def _augment(self, y: Tensor, eps_q: Tensor | None):
+        """z ~ q(z|y), log q(z|y), and the joint input cat(y, z)."""
+        if eps_q is None:
+            eps_q = y.new_empty(y.shape[0], self.config.extra_channels, *y.shape[2:]).normal_()
+        z, logdet = self.q_flow(eps_q, self.q_context(y))
+        return torch.cat([y, z], dim=1), _std_normal_logp(eps_q) - logdet
+
+
+# --- named configurations ----------------------------------------------------------------------
+
+
+def _vflow_p(blocks, filters, k, affine=None):
+    head = (f_affine(*affine),) if affine else ()
+    return head + (
+        f_checker(blocks, filters, k, 2), f_channel(blocks, filters, k, 2), SQUEEZE,
+        f_checker(blocks, filters, k, 2), f_channel(blocks, filters, k, 3),
+    )
+
+
+def _flowpp_p(blocks, filters, k):
+    return (f_checker(blocks, filters, k, 4), SQUEEZE, f_channel(blocks, filters, k, 2),
+            f_checker(blocks, filters, k, 3))
+
+
+CIFAR = dict(data_shape=(3, 32, 32), n_bins=256, dropout=0.2)
+
+CONFIGS: dict[str, ModelConfig] = {
+    cfg.name: cfg
+    for cfg in [
+        # Table 4 / Table 1 (CIFAR-10). The Flow++ dequantiser uses attention as in the
+        # official code (31,443,440 parameters); VFlow's q and r follow the paper (g_checker).
+        ModelConfig("flowpp-cifar10", "flowpp", p=_flowpp_p(10, 96, 32),
+                    r=(f_checker(2, 96, 32, 4),), smooth=False, paper_params=31_400_000,
+                    notes="official Flow++ CIFAR-10 code: 31,443,440 parameters", **CIFAR),
+        ModelConfig("vflow-cifar10", "vflow", p=_vflow_p(10, 96, 32), q=(g_checker(3, 96, 32, 4),),
+                    r=(g_checker(2, 96, 32, 4),), extra_channels=3, paper_params=37_800_000,
+                    **CIFAR),
+        ModelConfig("vflow-cifar10-16m", "vflow", p=_vflow_p(10, 64, 16),
+                    q=(g_checker(3, 64, 16, 4),), r=(g_checker(2, 64, 16, 4),), extra_channels=3,
+                    paper_params=16_500_000, **CIFAR),
+        ModelConfig("vflow-cifar10-12m", "vflow", p=_vflow_p(10, 56, 10),
+                    q=(g_checker(3, 56, 10, 4),), r=(f_checker(2, 56, 10, 4),), extra_channels=3,
+                    paper_params=11_900_000, **CIFAR),
+        # Table 5: 4M-parameter budget.
+        ModelConfig("flowpp-4m", "flowpp", p=_flowpp_p(13, 32, 4), r=(f_checker(2, 32, 4, 4),),
+                    smooth=False, paper_params=4_020_000, **CIFAR),
+        ModelConfig("vflow4-4m", "vflow", p=_vflow_p(11, 32, 4, affine=(3, 32)),
+                    q=(g_checker(3, 32, 4, 4),), r=(f_checker(2, 32, 4, 4),), extra_channels=1,
+                    paper_params=4_030_000, **CIFAR),
+        ModelConfig("vflow6-4m", "vflow", p=_vflow_p(10, 32, 4, affine=(3, 32)),
+                    q=(g_checker(3, 32, 4, 4),), r=(f_checker(2, 32, 4, 4),), extra_channels=3,
+                    paper_params=4_010_000, **CIFAR),
+        # ImageNet (official recipe; the paper lists no parameter counts).
+        ModelConfig("vflow-imagenet32", "vflow", data_shape=(3, 32, 32), n_bins=256,
+                    p=_vflow_p(20, 128, 32), q=(g_checker(3, 128, 32, 4),),
+                    r=(g_checker(2, 128, 32, 4),), extra_channels=3,
+                    notes="128 filters, 20 blocks, K=32 (official ImageNet 32x32 recipe)"),
+        ModelConfig("vflow-imagenet64", "vflow", data_shape=(3, 64, 64), n_bins=256,
+                    p=(SQUEEZE,) + _vflow_p(10, 96, 4), q=(g_checker(3, 96, 4, 4),),
+                    r=(g_checker(2, 96, 4, 4),), extra_channels=3,
+                    notes="K=4; a first SpaceToDepth to 32x32 keeps attention affordable"),
+        # Tiny configs for 8x8 digits with 17 levels (train in minutes on a CPU).
+        ModelConfig("flowpp-digits", "flowpp", data_shape=(1, 8, 8), n_bins=17,
+                    p=(f_checker(1, 16, 4, 2), SQUEEZE, f_channel(1, 16, 4, 2),
+                       f_checker(1, 16, 4, 2)),
+                    r=(g_checker(1, 16, 4, 2),), smooth=False, context_filters=8,
+                    context_blocks=1),
+        ModelConfig("vflow-digits", "vflow", data_shape=(1, 8, 8), n_bins=17,
+                    p=(f_checker(1, 16, 4, 2), f_channel(1, 16, 4, 2), SQUEEZE,
+                       f_checker(1, 16, 4, 2), f_channel(1, 16, 4, 2)),
+                    q=(g_checker(1, 16, 4, 2),), r=(g_checker(1, 16, 4, 2),), extra_channels=1,
+                    context_filters=8, context_blocks=1),
+    ]
+}
+
+
+def build(name: str, backend: str = "auto", **overrides) -> FlowPlusPlus:
+    """Build the named configuration (see ``CONFIGS``); ``overrides`` replace config fields."""
+    if name not in CONFIGS:
+        raise KeyError(f"unknown config {name!r}; available: {', '.join(CONFIGS)}")
+    cfg = dataclasses.replace(CONFIGS[name], **overrides) if overrides else CONFIGS[name]
+    cls = VFlow if cfg.kind == "vflow" else FlowPlusPlus
+    return cls(cfg, backend=backend)
+
+
+def _count(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def parameter_counts(model: FlowPlusPlus) -> dict[str, int]:
+    """Parameters of p, q (flow + context net), r (flow + context net) and the total."""
+    counts = dict(
+        p=_count(model.p_flow),
+        q=_count(getattr(model, "q_flow", None)) + _count(getattr(model, "q_context", None)),
+        r=_count(model.r_flow) + _count(model.r_context),
+    )
+    counts["total"] = _count(model)
+    return counts
+
+
+def _meta_counts(name: str) -> dict[str, int]:
+    with torch.device("meta"):
+        return parameter_counts(build(name, backend="reference"))
+
+
+def describe(name: str) -> str:
+    """Architecture and parameter counts of a named config (built on the meta device)."""
+    cfg = CONFIGS[name] if name in CONFIGS else None
+    if cfg is None:
+        raise KeyError(f"unknown config {name!r}; available: {', '.join(CONFIGS)}")
+    counts = _meta_counts(name)
+    c, h, w = cfg.data_shape
+    lines = [
+        f"{cfg.name}: {'VFlow' if cfg.kind == 'vflow' else 'Flow++'}",
+        f"  data: {c}x{h}x{w}, n_bins={cfg.n_bins}, extra channels Cz={cfg.extra_channels}, "
+        f"split pattern={cfg.pattern}, coupling={'smooth (VFlow)' if cfg.smooth else 'Flow++'}, "
+        f"dropout={cfg.dropout}",
+        "  p(x, z), (x, z) -> eps: " + "; ".join(str(s) for s in cfg.p),
+    ]
+    if cfg.q:
+        lines.append("  q(z|x), eps_q -> z: " + "; ".join(str(s) for s in cfg.q) + "; Sigmoid")
+    lines.append("  r(u|x), eps_r -> u: " + "; ".join(str(s) for s in cfg.r) + "; Sigmoid")
+    lines.append(f"  context nets: {cfg.context_filters} filters, {cfg.context_blocks} gated convs")
+    lines.append("  parameters: " + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
+    if cfg.paper_params:
+        rel = counts["total"] / cfg.paper_params - 1
+        lines.append(f"  paper: {cfg.paper_params / 1e6:.2f}M ({rel:+.1%})")
+    if cfg.notes:
+        lines.append(f"  notes: {cfg.notes}")
+    return "\n".join(lines)
