@@ -1,0 +1,356 @@
+"""Benchmark of the MoL coupling: eager reference vs torch.compile(reference) vs fused kernels.
+
+    python benchmarks/coupling.py [--quick] [--json PATH] [--no-compile]
+
+All providers run side by side in ONE process on the same inputs (timings on shared
+machines drift by 2x between runs: compare ratios within a run). Modes:
+
+* forward: y, logdet = coupling(x, params)
+* fwdbwd: forward + backward of loss = <y, gy> + <logdet, gl> w.r.t. x and params
+* inverse: fused Newton inverse (``method="newton"``, at most 50 iterations) against the
+  eager 60-step bisection (the reference solver with newton=False, max_iters=60); the error
+  column is the reconstruction error max |x_hat - x| against the x that produced y
+* checkerboard: full-image checkerboard coupling; eager = split -> transform -> merge
+
+Times are medians of torch.utils.benchmark.Timer.blocked_autorange on CPU and of
+triton.testing.do_bench on CUDA. Errors are max abs errors against the float64 reference
+(for fwdbwd: over grad_x and grad_params). Peak extra memory is the peak of the bytes
+allocated inside the timed call (torch.profiler memory events on CPU, max_memory_allocated on
+CUDA), inputs excluded, outputs and autograd-saved tensors included. ``floor_ms`` is the
+time to stream-read the inputs once (x.sum() + params.sum()), the practical lower bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from vflow import reference as R
+
+try:  # the public API (vflow.ops); the benchmark falls back to the raw backends without it
+    from vflow import ops as OPS
+except Exception:  # pragma: no cover - only while vflow/ops.py is missing
+    OPS = None
+
+SHAPES = {
+    # name: (B, C, H, W of the transformed half, K, description)
+    "cifar": (64, 3, 32, 16, 32, "Flow++ CIFAR-10: 3x32x32 image, checkerboard half, K=32"),
+    "vflow16": (64, 12, 16, 8, 32, "VFlow CIFAR 16x16 scale: 24x16x16 after squeeze, half, K=32"),
+    "k4": (32, 6, 32, 32, 4, "Flow++ ImageNet64 style: 12x32x32 after squeeze, channel half, K=4"),
+    "tiny": (1, 3, 4, 4, 4, "tiny B=1 3x4x4, K=4 (launch/dispatch overhead)"),
+}
+QUICK_SHAPES = {
+    "vflow16_b8": (8, 12, 16, 8, 32, "VFlow 16x16 scale at batch 8, K=32"),
+    "tiny": SHAPES["tiny"],
+}
+SMOOTH = True
+INV_EAGER_ITERS = 60
+
+
+# --- providers -----------------------------------------------------------------------------
+
+
+def _cpp_available(device) -> bool:
+    if OPS is not None:
+        return "cpp" in OPS.available_backends(device)
+    try:
+        import vflow._C  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cpu"
+
+
+def _triton_available(device) -> bool:
+    return device.type == "cuda" and OPS is not None and "triton" in OPS.available_backends(device)
+
+
+class _RawFused(torch.autograd.Function):
+    """Autograd wrapper over vflow._C, used only when vflow.ops is not importable."""
+
+    @staticmethod
+    def forward(ctx, x, params, pattern, parity):
+        import vflow._C as C
+
+        ctx.save_for_backward(x, params)
+        ctx.cfg = (pattern, parity)
+        return C.coupling_fwd(x, params, SMOOTH, pattern, parity)
+
+    @staticmethod
+    def backward(ctx, gy, gl):
+        import vflow._C as C
+
+        x, params = ctx.saved_tensors
+        gx, gp = C.coupling_bwd(x, params, gy.contiguous(), gl.contiguous(), SMOOTH, *ctx.cfg, False)
+        return gx, gp, None, None
+
+
+def fused_forward(backend):
+    if OPS is not None:
+        return lambda x, p: OPS.mixlogistic_coupling(x, p, smooth=SMOOTH, backend=backend)
+    return lambda x, p: _RawFused.apply(x, p, 0, 0)
+
+
+def fused_checker(backend):
+    if OPS is not None:
+        return lambda x, p: OPS.checkerboard_coupling(
+            x, p, parity=0, pattern="checkerboard", smooth=SMOOTH, backend=backend
+        )
+    return lambda x, p: _RawFused.apply(x, p, 1, 0)
+
+
+def fused_inverse(backend):
+    if OPS is not None:
+        return lambda y, p: OPS.mixlogistic_coupling_inverse(y, p, smooth=SMOOTH, method="newton", backend=backend)
+    import vflow._C as C
+
+    return lambda y, p: C.coupling_inv(y, p, SMOOTH, 0, 0, 50, True)
+
+
+def eager_forward(x, p):
+    return R.coupling_fwd(x, p, SMOOTH, R.PLAIN, 0)
+
+
+def eager_checker(x, p):
+    active, passive = R.split(x, R.CHECKERBOARD, 0)
+    y, lad = R.mixlogistic_elementwise(active, p, SMOOTH)
+    return R.merge(y, passive, R.CHECKERBOARD, 0), lad.flatten(1).sum(1)
+
+
+def eager_inverse(y, p):
+    return R.coupling_inv(y, p, SMOOTH, R.PLAIN, 0, INV_EAGER_ITERS, False)
+
+
+# --- measurement ----------------------------------------------------------------------------
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device, min_run_time):
+    """Median milliseconds per call."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, return_mode="median"))
+    from torch.utils.benchmark import Timer
+
+    # a slow call (the eager 60-step inverse) gets a few plain repetitions instead
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    if first > min_run_time / 2:
+        runs = [first]
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - t0)
+        return sorted(runs)[1] * 1e3
+    m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    return m.median * 1e3
+
+
+def peak_extra_bytes(fn, device):
+    """Peak of the bytes allocated while fn runs (inputs excluded), or None."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return int(peak)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    del out
+    events = [e for e in prof.events() if e.cpu_memory_usage != 0 and e.name == "[memory]"]
+    if not events:
+        events = [e for e in prof.events() if e.cpu_memory_usage != 0]
+    events.sort(key=lambda e: e.time_range.start)
+    cur = peak = 0
+    for e in events:
+        cur += e.cpu_memory_usage
+        peak = max(peak, cur)
+    return int(peak)
+
+
+def max_err(got, ref):
+    return max((g.detach().double() - r).abs().max().item() for g, r in zip(got, ref))
+
+
+# --- one case -------------------------------------------------------------------------------
+
+
+def make_case(shape, device, dtype, full_image=False, seed=0):
+    b, c, h, w, k, _ = shape
+    g = torch.Generator().manual_seed(seed)
+    width = 2 * w if full_image else w
+    x = torch.randn(b, c, h, width, generator=g, dtype=torch.float64)
+    p = torch.randn(b, 2 + 3 * k, c, h, w, generator=g, dtype=torch.float64)
+    p[:, 0].mul_(0.3)
+    p[:, 2 + 2 * k :].uniform_(-1.0, 1.0)  # trained-flow-like scales, invertible in float32
+    gy = torch.randn(b, c, h, width, generator=g, dtype=torch.float64)
+    gl = torch.randn(b, generator=g, dtype=torch.float64)
+    return [t.to(device) for t in (x, p, gy, gl)], [t.to(device=device, dtype=dtype) for t in (x, p, gy, gl)]
+
+
+def loss_grads(fn, x, p, gy, gl):
+    x = x.detach().requires_grad_(True)
+    p = p.detach().requires_grad_(True)
+    y, ld = fn(x, p)
+    ((y * gy).sum() + (ld * gl).sum()).backward()
+    return x.grad, p.grad
+
+
+def bench_mode(mode, shape, providers, device, dtype, min_run_time):
+    full = mode == "checkerboard"
+    (x64, p64, gy64, gl64), (x, p, gy, gl) = make_case(shape, device, dtype, full_image=full)
+    input_bytes = x.numel() * x.element_size() + p.numel() * p.element_size()
+    floor = time_ms(lambda: (x.sum(), p.sum()), device, min_run_time)
+    rows = []
+    if mode in ("forward", "checkerboard"):
+        ref_fn = eager_checker if full else eager_forward
+        with torch.no_grad():
+            ref = ref_fn(x64, p64)
+        for name, fn in providers.items():
+            call = lambda fn=fn: fn(x, p)  # noqa: E731
+            with torch.no_grad():
+                err = max_err(call(), ref)
+                ms = time_ms(call, device, min_run_time)
+                mem = peak_extra_bytes(call, device)
+            rows.append(dict(provider=name, ms=ms, err=err, peak_extra_bytes=mem))
+    elif mode == "fwdbwd":
+        ref = loss_grads(eager_forward, x64, p64, gy64, gl64)
+        for name, fn in providers.items():
+            call = lambda fn=fn: loss_grads(fn, x, p, gy, gl)  # noqa: E731
+            err = max_err(call(), ref)
+            ms = time_ms(call, device, min_run_time)
+            mem = peak_extra_bytes(call, device)
+            rows.append(dict(provider=name, ms=ms, err=err, peak_extra_bytes=mem))
+    elif mode == "inverse":
+        with torch.no_grad():
+            y = eager_forward(x64, p64)[0].to(dtype)
+        for name, fn in providers.items():
+            call = lambda fn=fn: fn(y, p)  # noqa: E731
+            with torch.no_grad():
+                x_hat = call()[0]
+                err = (x_hat.double() - x64).abs().max().item()
+                ms = time_ms(call, device, min_run_time)
+                mem = peak_extra_bytes(call, device)
+            rows.append(dict(provider=name, ms=ms, err=err, peak_extra_bytes=mem))
+    base = {r["provider"]: r["ms"] for r in rows}
+    for r in rows:
+        r["speedup_vs_eager"] = base["eager"] / r["ms"] if "eager" in base else None
+        r["speedup_vs_compile"] = base["compile"] / r["ms"] if "compile" in base else None
+        r["extra_over_input"] = r["peak_extra_bytes"] / input_bytes if r["peak_extra_bytes"] is not None else None
+    return dict(mode=mode, floor_ms=floor, input_bytes=input_bytes, rows=rows)
+
+
+def providers_for(mode, device, use_compile):
+    prov = {}
+    if mode == "forward":
+        prov["eager"] = eager_forward
+        if use_compile:
+            prov["compile"] = torch.compile(eager_forward, dynamic=False)
+    elif mode == "fwdbwd":
+        prov["eager"] = eager_forward
+        if use_compile:
+            prov["compile"] = torch.compile(eager_forward, dynamic=False)
+    elif mode == "checkerboard":
+        prov["eager"] = eager_checker
+        if use_compile:
+            prov["compile"] = torch.compile(eager_checker, dynamic=False)
+    elif mode == "inverse":
+        prov["eager"] = eager_inverse  # 60-step bisection; compiling 60 unrolled steps is impractical
+    fused = {"forward": fused_forward, "fwdbwd": fused_forward, "checkerboard": fused_checker, "inverse": fused_inverse}[
+        mode
+    ]
+    if _cpp_available(device):
+        prov["cpp"] = fused("cpp")
+    if _triton_available(device):
+        prov["triton"] = fused("triton")
+    return prov
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes, short timing (< 1 minute)")
+    ap.add_argument("--json", default="results/coupling.json", help="where to write the results")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--shapes", default=None, help="comma-separated subset of " + ",".join(SHAPES))
+    ap.add_argument("--modes", default="forward,fwdbwd,inverse,checkerboard")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        shapes = {k: v for k, v in {**SHAPES, **QUICK_SHAPES}.items() if k in args.shapes.split(",")}
+    modes = args.modes.split(",")
+    min_run_time = 0.2 if args.quick else 1.0
+    use_compile = not args.no_compile
+    torch.manual_seed(0)
+
+    results = dict(
+        meta=dict(
+            device=str(device),
+            dtype=args.dtype,
+            torch=torch.__version__,
+            threads=torch.get_num_threads(),
+            machine=platform.processor() or platform.machine(),
+            ops_api=OPS is not None,
+            quick=args.quick,
+            isa=_isa(),
+        ),
+        cases=[],
+    )
+    print(f"# device={device} dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}"
+          f" kernels={results['meta']['isa']}")
+    hdr = f"{'shape':<11}{'mode':<13}{'provider':<9}{'ms':>10}{'x eager':>9}{'x compile':>10}{'max err':>10}{'extra/in':>9}{'floor ms':>9}"
+    print(hdr)
+    print("-" * len(hdr))
+    for sname, shape in shapes.items():
+        for mode in modes:
+            t0 = time.perf_counter()
+            case = bench_mode(mode, shape, providers_for(mode, device, use_compile), device, dtype, min_run_time)
+            case.update(shape=sname, dims=list(shape[:5]), description=shape[5], seconds=time.perf_counter() - t0)
+            results["cases"].append(case)
+            for r in case["rows"]:
+                se = f"{r['speedup_vs_eager']:.2f}" if r["speedup_vs_eager"] else "-"
+                sc = f"{r['speedup_vs_compile']:.2f}" if r["speedup_vs_compile"] else "-"
+                eo = f"{r['extra_over_input']:.2f}" if r["extra_over_input"] is not None else "-"
+                print(
+                    f"{sname:<11}{mode:<13}{r['provider']:<9}{r['ms']:>10.3f}{se:>9}{sc:>10}"
+                    f"{r['err']:>10.1e}{eo:>9}{case['floor_ms']:>9.3f}"
+                )
+            sys.stdout.flush()
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {args.json}")
+    return results
+
+
+def _isa():
+    try:
+        import vflow._C as C
+
+        return C._isa()
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    main()
