@@ -18,15 +18,21 @@ Adam with batch 64 for every run.
 Grid: D in {2, 4, 6, 8, 10} x L in {2, 3, 4, 5, 10, 15, 20}, over ``--seeds`` seeds.
 Outputs in ``--out``: ``results.csv`` (one row per (D, L): dims, steps, params, ll_mean,
 ll_std, iters, seeds), ``runs.csv`` (one row per run), ``ll_vs_params.png`` (Fig. 3),
-``density.png`` (Fig. 2: data, 3-step Glow, 3-step 10-dim VFlow, 20-step Glow; the VFlow
-density importance-sampled) and one ``density_D{D}_L{L}.png`` per model.
+``density.png`` (Fig. 2: data, 3-step Glow, 3-step 10-dim VFlow, 20-step Glow, the seed-0
+models titled with their test log-likelihood; the VFlow density importance-sampled), the
+same panels one per file (``density_data.png``, ``density_D{D}_L{L}.png``).
 
-Timing (measured on a shared 2-core CPU, 1 thread per run): one (D=10, L=20) run takes
-about 17 s per 1,000 iterations, a (D=10, L=3) run about 3.3 s; one seed of the whole grid
-costs about 255 core-seconds per 1,000 iterations. The paper's budget (100,000 iterations x
-5 seeds) would take about 18 hours on 2 cores, so the default full mode is
-``--iters 10000 --seeds 3``: about 65 minutes with ``--workers 2``. ``--quick`` trains
-D in {2, 10} x L in {3, 20} for 400 iterations with 1 seed (under a minute).
+Timing (CPU seconds of one process with 1 torch thread, measured on a busy 2-core machine):
+training costs about 0.84 L + 0.7 s per 1,000 iterations for Glow and 0.84 L + 1.9 s for
+VFlow; one (D=10, L=20) run takes 18.7 s per 1,000 iterations plus 2.3 s of evaluation,
+a (D=10, L=3) run 3.3 s, a (D=2, L=3) run 2.9 s. One seed of the whole 35-point grid costs
+about 306 core-seconds per 1,000 iterations. The paper's budget (100,000 iterations x 5
+seeds) would take about 21 hours on 2 cores, so the default full mode is
+``--iters 10000 --seeds 3``: about 9,300 core-seconds, i.e. about 78 minutes with
+``--workers 2`` on two otherwise idle cores (longer when they are shared). ``--quick``
+trains D in {2, 10} x L in {3, 20} for 400 iterations with 1 seed (well under a minute
+on idle cores). The default learning rate 1e-3 is the one that trains the 20-step models
+best in short runs (3e-3 helps the 3-step VFlow but hurts the 20-step Glow).
 """
 
 from __future__ import annotations
@@ -154,7 +160,7 @@ def plot_densities(panels: list[tuple[str, np.ndarray, str]], out: Path) -> None
 
     ext = (-4, 4, -4, 4)
     fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2))
-    for ax, (title, img, _) in zip(np.atleast_1d(axes), panels):
+    for ax, (title, img, _) in zip(np.atleast_1d(axes), panels, strict=True):
         ax.imshow(img, origin="lower", extent=ext, cmap="viridis")
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
@@ -203,21 +209,26 @@ def main(argv=None) -> list[dict]:
     plot_ll_vs_params(rows, args.out / "ll_vs_params.png")
 
     panels = [(f"data\n({OPTIMUM:.3f})", true_density(args.density_px), "density_data.png")]
-    by_key = {(r["dims"], r["steps"]): r for r in rows}
-    dens = {(r["dims"], r["steps"]): r["density"] for r in runs if "density" in r}
-    for d, l, name in DENSITY_MODELS:
-        if (d, l) in dens:
-            title = f"{name}\n({by_key[(d, l)]['ll_mean']:.3f})"
-            panels.append((title, dens[(d, l)], f"density_D{d}_L{l}.png"))
+    seed0 = {(r["dims"], r["steps"]): r for r in runs if "density" in r}
+    for d, l, name in DENSITY_MODELS:  # the seed-0 models, titled with their test ll
+        if (d, l) in seed0:
+            r = seed0[(d, l)]
+            panels.append((f"{name}\n({r['test_ll']:.3f})", r["density"], f"density_D{d}_L{l}.png"))
     plot_densities(panels, args.out)
 
-    print(f"\n{len(runs)} runs, {args.iters} iterations each, wall {wall:.0f} s; out: {args.out}")
+    cpu = sum(r["train_cpu_s"] for r in runs)
+    print(
+        f"\n{len(runs)} runs, {args.iters} iterations each, wall {wall:.0f} s, "
+        f"training CPU {cpu:.0f} s; out: {args.out}"
+    )
     print(f"{'D':>3} {'L':>3} {'params':>7} {'test ll (nats)':>17} {'paper':>14}")
     for r in rows:
         p = PAPER.get((r["dims"], r["steps"]))
         ps = f"{p[0]:.2f} +- {p[1]:.2f}" if p else ""
-        print(f"{r['dims']:>3} {r['steps']:>3} {r['params']:>7} "
-              f"{r['ll_mean']:>8.3f} +- {r['ll_std']:.3f} {ps:>14}")
+        print(
+            f"{r['dims']:>3} {r['steps']:>3} {r['params']:>7} "
+            f"{r['ll_mean']:>8.3f} +- {r['ll_std']:.3f} {ps:>14}"
+        )
     print(f"optimum -log 32 = {OPTIMUM:.3f}")
     return rows
 

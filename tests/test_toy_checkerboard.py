@@ -143,7 +143,7 @@ def test_quick_run_writes_outputs(tmp_path, workers):
     with open(tmp_path / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert [(int(r["dims"]), int(r["steps"])) for r in table] == [(2, 3), (10, 3)]
-    for r, row in zip(table, rows):
+    for r, row in zip(table, rows, strict=True):
         assert int(r["seeds"]) == 2 and int(r["iters"]) == 40
         assert int(r["params"]) == toy.n_params(toy.make_model(int(r["dims"]), 3))
         assert -12 < float(r["ll_mean"]) < -math.log(32) + 0.1
