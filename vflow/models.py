@@ -264,12 +264,12 @@ class FlowPlusPlus(nn.Module):
 
     def _noise(self, indices, batch: int, seed: int):
         """Sample-major standard normal noise for the importance samples ``indices``: sample s
-        uses a generator seeded with seed + s, so chunking does not change the draws."""
+        has its own generator, seeded from (seed, s), so chunking does not change the draws."""
         c, h, w = self.config.data_shape
         cz = self.config.extra_channels
         eps_r, eps_q = [], []
         for s in indices:
-            g = torch.Generator().manual_seed(seed + s)
+            g = torch.Generator().manual_seed((seed * 0x9E3779B1 + s * 0x85EBCA77 + 1) % 2**63)
             eps_r.append(torch.randn(batch, c, h, w, generator=g, dtype=torch.float64))
             if cz:
                 eps_q.append(torch.randn(batch, cz, h, w, generator=g, dtype=torch.float64))
