@@ -11,7 +11,9 @@ CPU, prints the test bits/dim of the ELBO and of the importance-weighted estimat
 metrics.jsonl, loss.png, samples.png and checkpoints into runs/vflow-digits-<timestamp>.
 
 All commands run unchanged under ``torchrun --nproc_per_node N``: ``--batch-size`` is the
-GLOBAL batch (each rank takes batch/N images), and eval splits the images across ranks.
+GLOBAL batch (each rank takes batch/N images), and eval splits the images across ranks
+(spell ``--run`` as ``--run-dir`` there: torchrun's parser claims ``--run`` as an
+abbreviation of its own ``--run-path``).
 """
 
 from __future__ import annotations
@@ -113,11 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-samples", type=_nonneg_int, default=64, help="images per sample grid")
     t.add_argument("--max-bad-steps", type=_positive_int, default=20,
                    help="consecutive non-finite steps before stopping")
-    t.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    t.add_argument("--threads", type=_positive_int,
+                   help="torch CPU threads (default: 1 for digits, else torch's default)")
     t.add_argument("--no-progress", dest="progress", action="store_false")
 
     e = sub.add_parser("eval", help="importance-weighted test bits/dim (Eq. 5) with EMA weights")
-    e.add_argument("--run", required=True, help="run directory (with ckpt-*.pt)")
+    e.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run directory (with ckpt-*.pt); under torchrun spell it --run-dir "
+                        "(torchrun's own parser takes --run for its --run-path)")
     e.add_argument("--samples", type=_positive_int,
                    help="importance samples S per image (default: 64 digits, 4096 CIFAR-10, "
                         "1024 ImageNet, as in the paper)")
@@ -188,16 +193,12 @@ def _train(a, parser) -> int:
 
 
 def _eval(a, parser) -> int:
-    import torch
-
     from vflow import train as T
     from vflow.data import load_dataset
     from vflow.evaluate import evaluate
 
     if not os.path.isdir(a.run):
         parser.error(f"run directory not found: {a.run}")
-    if a.threads:
-        torch.set_num_threads(a.threads)
     info = T.init_distributed(a.device)
     try:
         device = a.device
@@ -205,6 +206,7 @@ def _eval(a, parser) -> int:
             device = f"cuda:{info.local_rank}"
         model, ck = T.load_run_model(a.run, device=device, use_ema=a.ema, backend=a.backend)
         data_name = ck["data"]
+        T.set_threads(a.threads, data_name, device)
         data = load_dataset(data_name, a.split, a.data_dir or ck.get("data_dir"))
         samples = a.samples or EVAL_SAMPLES.get(data_name, 64)
         if info.main:
@@ -239,6 +241,7 @@ def _sample(a, parser) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     model, ck = T.load_run_model(a.run, device=a.device, use_ema=a.ema, backend=a.backend)
+    T.set_threads(None, ck["data"], a.device)
     x = draw_samples(model, a.n, temperature=a.temperature, seed=a.seed, device=a.device)
     out = a.out or os.path.join(a.run, f"samples-T{a.temperature:g}.png")
     save_grid(x, int(model_cfg(model, "n_bins")), out,

@@ -1,0 +1,150 @@
+"""The ``vflow`` command line end to end on the real digits model, kept tiny."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vflow import train as T
+from vflow.cli import main
+
+TINY = ["--config", "vflow-digits", "--batch-size", "16", "--set", "context_filters=4",
+        "--log-every", "1", "--no-progress", "--n-samples", "4", "--eval-images", "16"]
+
+
+def _ckpt(run, step=None):
+    path = T.latest_checkpoint(run) if step is None else os.path.join(run, f"ckpt-{step:08d}.pt")
+    return torch.load(path, weights_only=True)
+
+
+def test_train_eval_sample_resume_end_to_end(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    rc = main(["train", *TINY, "--out", run, "--steps", "4", "--eval-every", "2",
+               "--ckpt-every", "2", "--iw-samples", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert f"run directory: {run}" in out
+    line = next(x for x in out.splitlines() if x.startswith("test bits/dim"))
+    assert "ELBO" in line and "importance-weighted (S=2)" in line
+    elbo = float(line.split("ELBO ")[1].split(",")[0])
+    iw = float(line.split("(S=2) ")[1])
+    assert 0.5 < iw < 6 and 0.5 < elbo < 6
+    for f in ("samples.png", "samples-00000002.png", "loss.png", "metrics.jsonl", "run.json"):
+        assert os.path.isfile(os.path.join(run, f)), f
+    ck = _ckpt(run)
+    assert ck["step"] == 4 and ck["model_spec"] == {
+        "name": "vflow-digits", "overrides": {"context_filters": 4}, "backend": "auto"}
+
+    rc = main(["eval", "--run", run, "--samples", "3", "--max-images", "12", "--batch-size", "5"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "test bits/dim (12 images)" in out and "(S=3)" in out
+    with open(os.path.join(run, "eval-test-S3.json")) as f:
+        res = json.load(f)
+    assert res["n"] == 12 and res["step"] == 4 and res["ema"] is True
+    assert res["iw_bpd"] < res["elbo_bpd"] + 0.05  # IW tightens the bound (up to noise)
+
+    png = str(tmp_path / "grid.png")
+    assert main(["sample", "--run", run, "--n", "6", "--temperature", "0.7", "--out", png]) == 0
+    assert os.path.getsize(png) > 1000 and "wrote" in capsys.readouterr().out
+
+    assert main(["train", *TINY, "--out", run, "--resume", "--steps", "6",
+                 "--no-final-eval"]) == 0
+    assert _ckpt(run)["step"] == 6
+    # starting a new run over an existing one is refused
+    assert main(["train", *TINY, "--out", run, "--steps", "2"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_cli_resume_is_exact_with_dropout(tmp_path):
+    common = [*TINY, "--set", "dropout=0.2", "--no-final-eval", "--n-samples", "0",
+              "--eval-every", "0", "--ckpt-every", "0", "--seed", "7"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert main(["train", *common, "--out", a, "--steps", "6"]) == 0
+    assert main(["train", *common, "--out", b, "--steps", "3"]) == 0
+    torch.manual_seed(99)  # the resumed run must not depend on the caller's RNG
+    assert main(["train", *common, "--out", b, "--steps", "6", "--resume"]) == 0
+    ka, kb = _ckpt(a), _ckpt(b)
+    assert ka["step"] == kb["step"] == 6
+    for k, v in ka["model"].items():
+        assert torch.equal(v, kb["model"][k]), k
+    for k, v in ka["ema"]["params"].items():
+        assert torch.equal(v, kb["ema"]["params"][k]), k
+
+
+def test_cli_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", "nope"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown config 'nope'" in err and "vflow-digits" in err and "vflow-cifar10" in err
+    with pytest.raises(SystemExit):
+        main(["train", "--steps", "3", "--epochs", "1"])
+    assert "not allowed with" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--resume"])
+    assert "--resume needs --out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--steps", "0"])
+    assert "positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--run", str(tmp_path / "missing")])
+    assert "run directory not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["sample", "--run", str(tmp_path / "empty")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    rc = main(["train", "--config", "flowpp-cifar10", "--data-dir", str(tmp_path), "--out",
+               str(tmp_path / "c")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "data_batch_1" in err and "not found" in err
+    with pytest.raises(SystemExit):
+        main(["frobnicate"])
+    with pytest.raises(SystemExit):
+        main([])
+
+
+def test_info(capsys):
+    assert main(["info", "vflow-digits"]) == 0
+    out = capsys.readouterr().out
+    assert "vflow-digits" in out and "parameters" in out
+    assert main(["info"]) == 0
+    assert "flowpp-cifar10" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["info", "vflow-cifar100"])
+
+
+def test_python_dash_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "vflow", "info", "bogus"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "valid configs" in r.stderr and "flowpp-digits" in r.stderr
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path):
+    """`vflow train` and `vflow eval` unchanged under torchrun (2 CPU processes, gloo)."""
+    run = str(tmp_path / "run")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "vflow"]
+    r = subprocess.run([*base, "train", *TINY, "--out", run, "--steps", "3", "--no-final-eval",
+                        "--eval-every", "0"], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("run directory:") == 1  # only rank 0 prints
+    ck = _ckpt(run)
+    assert ck["step"] == 3 and ck["world_size"] == 2 and len(ck["rng"]) == 2
+    base[base.index("--master_port") + 1] = str(_free_port())
+    r = subprocess.run([*base, "eval", "--run-dir", run, "--samples", "2", "--max-images", "10"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "test bits/dim (10 images)" in r.stdout
