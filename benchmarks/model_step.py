@@ -1,0 +1,210 @@
+"""Whole-model benchmark: one training step (elbo forward + backward) and sample().
+
+For each config (default: vflow-digits and vflow-cifar10) and each variant, in one run:
+
+* ``reference``        all couplings on the eager reference backend, float32, eager nets
+* ``fused``            couplings on the fused backend ("cpp" on CPU, "triton" on CUDA)
+* ``fused+compile``    ... and torch.compile of every conditioning / context network
+* ``fused+chlast``     ... and channels_last weights / activations
+* ``fused+bf16``       ... and bf16 autocast of the networks (couplings and logdets stay fp32)
+
+Every (config, variant) runs in its own subprocess so that peak memory (max RSS on CPU,
+max allocated on CUDA) is per variant and compile caches do not leak between variants.
+Prints a table and writes JSON to results/model_step.json.
+
+    python benchmarks/model_step.py            # full
+    python benchmarks/model_step.py --quick    # fewer repeats, smaller sample batch
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = ["reference", "fused", "fused+compile", "fused+chlast", "fused+bf16"]
+BATCH = {"vflow-digits": 64, "flowpp-digits": 64}
+DEFAULT_BATCH = 8
+
+
+def _fused_backend(device: str) -> str | None:
+    from vflow import ops
+
+    name = "triton" if device.startswith("cuda") else "cpp"
+    return name if name in ops.available_backends(device) else None
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _wrap_nets(model, variant: str) -> None:
+    """Apply torch.compile / bf16 autocast to every conditioning and context network."""
+    import torch
+
+    from vflow.nets import ContextNet, CouplingNet
+
+    nets = [m for m in model.modules() if isinstance(m, (CouplingNet, ContextNet))]
+    for net in nets:
+        if variant == "fused+compile":
+            net.compile(dynamic=False)
+        elif variant == "fused+bf16":
+            forward = net.forward
+            device_type = next(net.parameters()).device.type
+
+            @functools.wraps(forward)
+            def autocast_forward(*args, _forward=forward, _dt=device_type, **kwargs):
+                with torch.autocast(_dt, dtype=torch.bfloat16):
+                    out = _forward(*args, **kwargs)
+                return out.float()
+
+            net.forward = autocast_forward
+
+
+def _time(fn, repeats: int, device: str) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def worker(args) -> dict:
+    import torch
+
+    import vflow
+
+    torch.manual_seed(0)
+    device = args.device
+    fused = _fused_backend(device)
+    variant = args.variant
+    if variant != "reference" and fused is None:
+        return dict(skipped=f"no fused backend on {device} (vflow._C / triton not available)")
+    backend = "reference" if variant == "reference" else fused
+    model = vflow.build(args.config, backend=backend).to(device)
+    c, h, w = model.config.data_shape
+    batch = args.batch or BATCH.get(args.config, DEFAULT_BATCH)
+    x = torch.randint(0, model.config.n_bins, (batch, c, h, w), device=device)
+    model.initialize(x)
+    if variant == "fused+chlast":
+        model = model.to(memory_format=torch.channels_last)
+    _wrap_nets(model, variant)
+    model.train()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model.bpd(x).mean()
+        loss.backward()
+        return loss
+
+    t0 = time.perf_counter()
+    loss = step()  # warm-up (includes compilation)
+    warmup_s = time.perf_counter() - t0
+    step()
+    step_times = _time(step, args.repeats, device)
+
+    model.eval()
+    n_sample = args.sample_n or (batch if args.config.endswith("digits") else 2)
+    with torch.no_grad():
+        model.sample(n_sample)  # warm-up
+        sample_times = _time(lambda: model.sample(n_sample), args.sample_repeats, device)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return dict(
+        config=args.config, variant=variant, backend=backend, batch=batch, device=device,
+        threads=torch.get_num_threads(), loss_bpd=float(loss),
+        step_ms=1e3 * statistics.median(step_times), step_ms_all=[1e3 * t for t in step_times],
+        warmup_s=warmup_s, sample_n=n_sample, sample_ms=1e3 * statistics.median(sample_times),
+        peak_mb=peak,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["vflow-digits", "vflow-cifar10"])
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=None, help="default: 64 digits, 8 CIFAR")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--sample-repeats", type=int, default=None)
+    parser.add_argument("--sample-n", type=int, default=None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--compile-all", action="store_true",
+                        help="also torch.compile the large configs (minutes of compilation each)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
+    parser.add_argument("--out", default="results/model_step.json")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.repeats = args.repeats or (3 if args.quick else 10)
+    args.sample_repeats = args.sample_repeats or (1 if args.quick else 3)
+
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    rows = []
+    for config in args.configs:
+        for variant in args.variants:
+            if variant == "fused+compile" and not config.endswith("digits") and not args.compile_all:
+                rows.append(dict(config=config, variant=variant,
+                                 skipped="compile of large configs skipped (use --compile-all)"))
+                continue
+            cmd = [sys.executable, __file__, "--worker", "--config", config, "--variant", variant,
+                   "--device", args.device, "--repeats", str(args.repeats),
+                   "--sample-repeats", str(args.sample_repeats)]
+            if args.batch:
+                cmd += ["--batch", str(args.batch)]
+            if args.sample_n:
+                cmd += ["--sample-n", str(args.sample_n)]
+            print(f"... {config} / {variant}", file=sys.stderr, flush=True)
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                                      env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                if proc.returncode:
+                    row = dict(error=proc.stderr.strip().splitlines()[-1:])
+                else:
+                    row = json.loads(proc.stdout.strip().splitlines()[-1])
+            except subprocess.TimeoutExpired:
+                row = dict(error=f"timed out after {args.timeout}s")
+            rows.append({"config": config, "variant": variant, **row})
+
+    header = f"{'config':<16} {'variant':<15} {'step ms':>10} {'vs ref':>7} {'sample ms':>11} {'peak MB':>9}  note"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        ref = next((r for r in rows if r["config"] == row["config"] and r["variant"] == "reference"
+                    and "step_ms" in r), None)
+        if "step_ms" in row:
+            speed = f"{ref['step_ms'] / row['step_ms']:.2f}x" if ref else "-"
+            row["speedup_vs_reference"] = ref["step_ms"] / row["step_ms"] if ref else None
+            note = f"batch {row['batch']}, sample n={row['sample_n']}, warm-up {row['warmup_s']:.1f}s"
+            print(f"{row['config']:<16} {row['variant']:<15} {row['step_ms']:>10.1f} {speed:>7} "
+                  f"{row['sample_ms']:>11.1f} {row['peak_mb']:>9.0f}  {note}")
+        else:
+            print(f"{row['config']:<16} {row['variant']:<15} {'-':>10} {'-':>7} {'-':>11} {'-':>9}  "
+                  f"{row.get('skipped') or row.get('error')}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(quick=args.quick, device=args.device, rows=rows), indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
