@@ -126,16 +126,26 @@ def worker(args) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return dict(
-        config=args.config, variant=variant, backend=backend, batch=batch, device=device,
-        threads=torch.get_num_threads(), loss_bpd=float(loss),
-        step_ms=1e3 * statistics.median(step_times), step_ms_all=[1e3 * t for t in step_times],
-        warmup_s=warmup_s, sample_n=n_sample, sample_ms=1e3 * statistics.median(sample_times),
+        config=args.config,
+        variant=variant,
+        backend=backend,
+        batch=batch,
+        device=device,
+        threads=torch.get_num_threads(),
+        loss_bpd=float(loss),
+        step_ms=1e3 * statistics.median(step_times),
+        step_ms_all=[1e3 * t for t in step_times],
+        warmup_s=warmup_s,
+        sample_n=n_sample,
+        sample_ms=1e3 * statistics.median(sample_times),
         peak_mb=peak,
     )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--configs", nargs="+", default=["vflow-digits", "vflow-cifar10"])
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--device", default="cpu")
@@ -144,8 +154,11 @@ def main() -> None:
     parser.add_argument("--sample-repeats", type=int, default=None)
     parser.add_argument("--sample-n", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--compile-all", action="store_true",
-                        help="also torch.compile the large configs (minutes of compilation each)")
+    parser.add_argument(
+        "--compile-all",
+        action="store_true",
+        help="also torch.compile the large configs (minutes of compilation each)",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
     parser.add_argument("--out", default="results/model_step.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -162,21 +175,47 @@ def main() -> None:
     rows = []
     for config in args.configs:
         for variant in args.variants:
-            if variant == "fused+compile" and not config.endswith("digits") and not args.compile_all:
-                rows.append(dict(config=config, variant=variant,
-                                 skipped="compile of large configs skipped (use --compile-all)"))
+            if (
+                variant == "fused+compile"
+                and not config.endswith("digits")
+                and not args.compile_all
+            ):
+                rows.append(
+                    dict(
+                        config=config,
+                        variant=variant,
+                        skipped="compile of large configs skipped (use --compile-all)",
+                    )
+                )
                 continue
-            cmd = [sys.executable, __file__, "--worker", "--config", config, "--variant", variant,
-                   "--device", args.device, "--repeats", str(args.repeats),
-                   "--sample-repeats", str(args.sample_repeats)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--config",
+                config,
+                "--variant",
+                variant,
+                "--device",
+                args.device,
+                "--repeats",
+                str(args.repeats),
+                "--sample-repeats",
+                str(args.sample_repeats),
+            ]
             if args.batch:
                 cmd += ["--batch", str(args.batch)]
             if args.sample_n:
                 cmd += ["--sample-n", str(args.sample_n)]
             print(f"... {config} / {variant}", file=sys.stderr, flush=True)
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                                      env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                proc = subprocess.run(
+                    cmd,
+                    capture_output=True,
+                    text=True,
+                    timeout=args.timeout,
+                    env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                )
                 if proc.returncode:
                     row = dict(error=proc.stderr.strip().splitlines()[-1:])
                 else:
@@ -185,21 +224,36 @@ def main() -> None:
                 row = dict(error=f"timed out after {args.timeout}s")
             rows.append({"config": config, "variant": variant, **row})
 
-    header = f"{'config':<16} {'variant':<15} {'step ms':>10} {'vs ref':>7} {'sample ms':>11} {'peak MB':>9}  note"
+    header = (
+        f"{'config':<16} {'variant':<15} {'step ms':>10} {'vs ref':>7} "
+        f"{'sample ms':>11} {'peak MB':>9}  note"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
-        ref = next((r for r in rows if r["config"] == row["config"] and r["variant"] == "reference"
-                    and "step_ms" in r), None)
+        ref = next(
+            (
+                r
+                for r in rows
+                if r["config"] == row["config"] and r["variant"] == "reference" and "step_ms" in r
+            ),
+            None,
+        )
         if "step_ms" in row:
             speed = f"{ref['step_ms'] / row['step_ms']:.2f}x" if ref else "-"
             row["speedup_vs_reference"] = ref["step_ms"] / row["step_ms"] if ref else None
-            note = f"batch {row['batch']}, sample n={row['sample_n']}, warm-up {row['warmup_s']:.1f}s"
-            print(f"{row['config']:<16} {row['variant']:<15} {row['step_ms']:>10.1f} {speed:>7} "
-                  f"{row['sample_ms']:>11.1f} {row['peak_mb']:>9.0f}  {note}")
+            note = (
+                f"batch {row['batch']}, sample n={row['sample_n']}, warm-up {row['warmup_s']:.1f}s"
+            )
+            print(
+                f"{row['config']:<16} {row['variant']:<15} {row['step_ms']:>10.1f} {speed:>7} "
+                f"{row['sample_ms']:>11.1f} {row['peak_mb']:>9.0f}  {note}"
+            )
         else:
-            print(f"{row['config']:<16} {row['variant']:<15} {'-':>10} {'-':>7} {'-':>11} {'-':>9}  "
-                  f"{row.get('skipped') or row.get('error')}")
+            print(
+                f"{row['config']:<16} {row['variant']:<15} {'-':>10} {'-':>7} {'-':>11} {'-':>9}  "
+                f"{row.get('skipped') or row.get('error')}"
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(quick=args.quick, device=args.device, rows=rows), indent=2))

@@ -105,7 +105,10 @@ def test_pointwise_checker_uses_one_matrix_per_half():
     x = layer.inverse(y)[0]
     torch.testing.assert_close(y[..., 0::2], x[..., 0::2])  # mask 0: W0 = I
     torch.testing.assert_close(y[..., 1::2], 2 * x[..., 1::2])  # mask 1: W1 = 2 I
-    torch.testing.assert_close(logdet, torch.full((B,), H * W / 2 * 2 * torch.log(torch.tensor(2.0)).item(), dtype=torch.float64))
+    torch.testing.assert_close(
+        logdet,
+        torch.full((B,), H * W / 2 * 2 * torch.log(torch.tensor(2.0)).item(), dtype=torch.float64),
+    )
 
 
 COUPLINGS = [
@@ -122,8 +125,14 @@ COUPLINGS = [
 @pytest.mark.parametrize("attention, smooth", [(True, True), (False, False)])
 def test_mixlogistic_coupling(kw, attention, smooth):
     layer = flows.MixLogisticCoupling(
-        (C, H, W), filters=8, blocks=1, components=3, attention=attention, smooth=smooth,
-        backend="reference", **kw,
+        (C, H, W),
+        filters=8,
+        blocks=1,
+        components=3,
+        attention=attention,
+        smooth=smooth,
+        backend="reference",
+        **kw,
     )
     _perturb(layer, 0.2)
     x = _x()
@@ -138,8 +147,15 @@ def test_mixlogistic_coupling(kw, attention, smooth):
 @pytest.mark.parametrize("split", ["checker", "channel"])
 def test_mixlogistic_coupling_with_context(split):
     layer = flows.MixLogisticCoupling(
-        (C, H, W), split=split, parity=1, filters=8, blocks=2, components=2,
-        attention=True, context_channels=3, backend="reference",
+        (C, H, W),
+        split=split,
+        parity=1,
+        filters=8,
+        blocks=2,
+        components=2,
+        attention=True,
+        context_channels=3,
+        backend="reference",
     )
     _perturb(layer, 0.2)
     context = torch.randn(B, 3, H, W // 2, dtype=torch.float64)
@@ -160,8 +176,12 @@ def test_augmented_affine_coupling():
 @pytest.mark.parametrize("split", ["checker", "channel"])
 @pytest.mark.parametrize("attention", [True, False])
 def test_coupling_blocks(split, attention):
-    builder = {("checker", True): flows.f_checker, ("checker", False): flows.g_checker,
-               ("channel", True): flows.f_channel, ("channel", False): flows.g_channel}
+    builder = {
+        ("checker", True): flows.f_checker,
+        ("checker", False): flows.g_checker,
+        ("channel", True): flows.f_channel,
+        ("channel", False): flows.g_channel,
+    }
     block = builder[split, attention]((C, H, W), 1, 1, 8, 2, backend="reference")
     x = _x()
     block.double()(x)  # data-dependent init
@@ -173,11 +193,15 @@ def test_coupling_blocks(split, attention):
 def test_checkerboard_split_layout(pattern):
     x = _x()
     (a, b), logdet = flows.CheckerboardSplit(pattern)(x)
-    assert a.shape == b.shape == (B, C, H, W // 2) and torch.equal(logdet, torch.zeros(B, dtype=x.dtype))
+    assert a.shape == b.shape == (B, C, H, W // 2) and torch.equal(
+        logdet, torch.zeros(B, dtype=x.dtype)
+    )
     if pattern == "stripe":  # official CheckerboardSplit: even columns, then odd columns
         assert torch.equal(a, x[..., 0::2]) and torch.equal(b, x[..., 1::2])
     else:
-        assert torch.equal(a[:, :, 0], x[:, :, 0, 0::2]) and torch.equal(a[:, :, 1], x[:, :, 1, 1::2])
+        assert torch.equal(a[:, :, 0], x[:, :, 0, 0::2]) and torch.equal(
+            a[:, :, 1], x[:, :, 1, 1::2]
+        )
     back, _ = flows.Inverse(flows.CheckerboardSplit(pattern))((a, b))
     assert torch.equal(back, x)
 
@@ -185,13 +209,15 @@ def test_checkerboard_split_layout(pattern):
 def test_literal_appendix_b_composition():
     """Split -> Parallel(ActNorm) -> Parallel(Pointwise) -> TupleFlip -> Inverse(Split)."""
     half = (C, H, W // 2)
-    layer = flows.Compose([
-        flows.CheckerboardSplit("stripe"),
-        flows.Parallel(flows.ActNorm(half), flows.ActNorm(half)),
-        flows.Parallel(flows.Pointwise(C), flows.Pointwise(C)),
-        flows.TupleFlip(),
-        flows.Inverse(flows.CheckerboardSplit("stripe")),
-    ])
+    layer = flows.Compose(
+        [
+            flows.CheckerboardSplit("stripe"),
+            flows.Parallel(flows.ActNorm(half), flows.ActNorm(half)),
+            flows.Parallel(flows.Pointwise(C), flows.Pointwise(C)),
+            flows.TupleFlip(),
+            flows.Inverse(flows.CheckerboardSplit("stripe")),
+        ]
+    )
     x = _x()
     layer.double()(x)
     _perturb(layer, 0.2)
@@ -203,11 +229,13 @@ def test_literal_appendix_b_composition():
 
 
 def test_channel_split_and_parallel():
-    layer = flows.Compose([
-        flows.ChannelSplit(1),
-        flows.Parallel(flows.Sigmoid(), flows.Inverse(flows.Sigmoid())),
-        flows.Inverse(flows.ChannelSplit(1)),
-    ])
+    layer = flows.Compose(
+        [
+            flows.ChannelSplit(1),
+            flows.Parallel(flows.Sigmoid(), flows.Inverse(flows.Sigmoid())),
+            flows.Inverse(flows.ChannelSplit(1)),
+        ]
+    )
     x = torch.rand(B, 3, H, W, dtype=torch.float64) * 0.8 + 0.1
     y = _check_layer(layer, x)
     torch.testing.assert_close(y[:, :1], torch.sigmoid(x[:, :1]))

@@ -308,8 +308,9 @@ class Pointwise(FlowLayer):
     Determinants and inverses are computed in float64, so the inverse is exact to rounding.
     """
 
-    def __init__(self, channels: int, split: str | None = None, pattern: str = "stripe",
-                 noise: float = 1e-3):
+    def __init__(
+        self, channels: int, split: str | None = None, pattern: str = "stripe", noise: float = 1e-3
+    ):
         super().__init__()
         if split not in (None, "checker", "channel"):
             raise ValueError(f"split must be None, 'checker' or 'channel', got {split!r}")
@@ -318,7 +319,9 @@ class Pointwise(FlowLayer):
         self.split, self.pattern = split, pattern
         n = channels // 2 if split == "channel" else channels
         count = 1 if split is None else 2
-        self.weight = nn.Parameter(torch.eye(n).repeat(count, 1, 1) + noise * torch.randn(count, n, n))
+        self.weight = nn.Parameter(
+            torch.eye(n).repeat(count, 1, 1) + noise * torch.randn(count, n, n)
+        )
 
     def _matrices(self, inverse: bool) -> Tensor:
         w = self.weight.double()
@@ -333,7 +336,9 @@ class Pointwise(FlowLayer):
             positions = h * wd
         elif self.split == "checker":
             mask = _mask(h, wd, self.pattern, x.device)
-            y = torch.where(mask, F.conv2d(x, w[1][:, :, None, None]), F.conv2d(x, w[0][:, :, None, None]))
+            y = torch.where(
+                mask, F.conv2d(x, w[1][:, :, None, None]), F.conv2d(x, w[0][:, :, None, None])
+            )
             positions = h * wd // 2
         else:
             y = F.conv2d(x, w[0][:, :, None, None])
@@ -428,8 +433,14 @@ class MixLogisticCoupling(FlowLayer):
             passive = ops.checkerboard_split(x, parity=self.parity, pattern=self.pattern)[1]
             params = self._params(passive, context)
             op = ops.checkerboard_coupling_inverse if inverse else ops.checkerboard_coupling
-            return op(x, params, parity=self.parity, pattern=self.pattern, smooth=self.smooth,
-                      backend=self.backend)
+            return op(
+                x,
+                params,
+                parity=self.parity,
+                pattern=self.pattern,
+                smooth=self.smooth,
+                backend=self.backend,
+            )
         active, passive = self._channel_halves(x)
         params = self._params(passive, context)
         op = ops.mixlogistic_coupling_inverse if inverse else ops.mixlogistic_coupling
@@ -453,12 +464,27 @@ class AugmentedAffineCoupling(FlowLayer):
     ``filters`` channels) with 2 Cx output channels, initialised near the identity.
     """
 
-    def __init__(self, x_channels: int, z_channels: int, spatial: tuple[int, int], *,
-                 filters: int, blocks: int, dropout: float = 0.0):
+    def __init__(
+        self,
+        x_channels: int,
+        z_channels: int,
+        spatial: tuple[int, int],
+        *,
+        filters: int,
+        blocks: int,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.x_channels = x_channels
-        self.net = CouplingNet(z_channels, 2 * x_channels, filters=filters, blocks=blocks,
-                               spatial=spatial, attention=False, dropout=dropout)
+        self.net = CouplingNet(
+            z_channels,
+            2 * x_channels,
+            filters=filters,
+            blocks=blocks,
+            spatial=spatial,
+            attention=False,
+            dropout=dropout,
+        )
 
     def _mu_s(self, z: Tensor) -> Pair:
         raw_s, mu = self.net(z).chunk(2, dim=1)
@@ -512,23 +538,55 @@ def coupling_block(
 
 def f_checker(shape, parity, blocks, filters, components, **kw) -> Compose:
     """f_checker(B, D_H, K): checkerboard/stripe split, MixLogisticAttnCoupling."""
-    return coupling_block(shape, split="checker", parity=parity, blocks=blocks, filters=filters,
-                          components=components, attention=True, **kw)
+    return coupling_block(
+        shape,
+        split="checker",
+        parity=parity,
+        blocks=blocks,
+        filters=filters,
+        components=components,
+        attention=True,
+        **kw,
+    )
 
 
 def f_channel(shape, parity, blocks, filters, components, **kw) -> Compose:
     """f_channel(B, D_H, K): channel split, MixLogisticAttnCoupling."""
-    return coupling_block(shape, split="channel", parity=parity, blocks=blocks, filters=filters,
-                          components=components, attention=True, **kw)
+    return coupling_block(
+        shape,
+        split="channel",
+        parity=parity,
+        blocks=blocks,
+        filters=filters,
+        components=components,
+        attention=True,
+        **kw,
+    )
 
 
 def g_checker(shape, parity, blocks, filters, components, **kw) -> Compose:
     """g_checker(B, D_H, K): checkerboard/stripe split, MixLogisticCoupling (no attention)."""
-    return coupling_block(shape, split="checker", parity=parity, blocks=blocks, filters=filters,
-                          components=components, attention=False, **kw)
+    return coupling_block(
+        shape,
+        split="checker",
+        parity=parity,
+        blocks=blocks,
+        filters=filters,
+        components=components,
+        attention=False,
+        **kw,
+    )
 
 
 def g_channel(shape, parity, blocks, filters, components, **kw) -> Compose:
     """g_channel(B, D_H, K): channel split, MixLogisticCoupling (no attention)."""
-    return coupling_block(shape, split="channel", parity=parity, blocks=blocks, filters=filters,
-                          components=components, attention=False, **kw)
+    return coupling_block(
+        shape,
+        split="channel",
+        parity=parity,
+        blocks=blocks,
+        filters=filters,
+        components=components,
+        attention=False,
+        **kw,
+    )

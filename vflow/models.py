@@ -82,7 +82,9 @@ class Step:
         if self.kind == "affine":
             return f"f_affine({self.blocks}, {self.filters}) x {self.count}"
         prefix = "f" if self.attention else "g"
-        return f"{prefix}_{self.kind}({self.blocks}, {self.filters}, {self.components}) x {self.count}"
+        return (
+            f"{prefix}_{self.kind}({self.blocks}, {self.filters}, {self.components}) x {self.count}"
+        )
 
 
 def f_checker(blocks, filters, components, count=1):
@@ -137,8 +139,15 @@ class ModelConfig:
         return d
 
 
-def _build_flow(steps, shape, cfg: ModelConfig, *, backend: str, context_channels: int = 0,
-                x_channels: int | None = None):
+def _build_flow(
+    steps,
+    shape,
+    cfg: ModelConfig,
+    *,
+    backend: str,
+    context_channels: int = 0,
+    x_channels: int | None = None,
+):
     """Compose the blocks of ``steps`` on input ``shape``; returns (flow, output shape)."""
     c, h, w = shape
     layers = []
@@ -149,17 +158,35 @@ def _build_flow(steps, shape, cfg: ModelConfig, *, backend: str, context_channel
         elif step.kind == "affine":
             if x_channels is None or x_channels >= c:
                 raise ValueError("f_affine needs extra (augmented) channels")
-            layers.append(AugmentedAffineCoupling(x_channels, c - x_channels, (h, w),
-                                                  filters=step.filters, blocks=step.blocks,
-                                                  dropout=cfg.dropout))
+            layers.append(
+                AugmentedAffineCoupling(
+                    x_channels,
+                    c - x_channels,
+                    (h, w),
+                    filters=step.filters,
+                    blocks=step.blocks,
+                    dropout=cfg.dropout,
+                )
+            )
         elif step.kind in ("checker", "channel"):
             for i in range(step.count):
-                layers.append(coupling_block(
-                    (c, h, w), split=step.kind, parity=1 - i % 2, blocks=step.blocks,
-                    filters=step.filters, components=step.components, attention=step.attention,
-                    pattern=cfg.pattern, heads=cfg.heads, context_channels=context_channels,
-                    dropout=cfg.dropout, smooth=cfg.smooth, backend=backend,
-                ))
+                layers.append(
+                    coupling_block(
+                        (c, h, w),
+                        split=step.kind,
+                        parity=1 - i % 2,
+                        blocks=step.blocks,
+                        filters=step.filters,
+                        components=step.components,
+                        attention=step.attention,
+                        pattern=cfg.pattern,
+                        heads=cfg.heads,
+                        context_channels=context_channels,
+                        dropout=cfg.dropout,
+                        smooth=cfg.smooth,
+                        backend=backend,
+                    )
+                )
         else:
             raise ValueError(f"unknown step kind {step.kind!r}")
     return Compose(layers), (c, h, w)
@@ -182,10 +209,12 @@ class FlowPlusPlus(nn.Module):
         self.config = config
         c, h, w = config.data_shape
         self.preprocess = ImageToLogit(config.n_bins)
-        self.r_context = ContextNet(c, config.context_filters, config.context_blocks,
-                                    config.pattern, config.dropout)
-        r_flow, _ = _build_flow(config.r, (c, h, w), config, backend=backend,
-                                context_channels=config.context_filters)
+        self.r_context = ContextNet(
+            c, config.context_filters, config.context_blocks, config.pattern, config.dropout
+        )
+        r_flow, _ = _build_flow(
+            config.r, (c, h, w), config, backend=backend, context_channels=config.context_filters
+        )
         self.r_flow = Compose([*r_flow.layers, Sigmoid()])
         self.p_flow, self.latent_shape = _build_flow(
             config.p, (c + config.extra_channels, h, w), config, backend=backend, x_channels=c
@@ -216,14 +245,16 @@ class FlowPlusPlus(nn.Module):
             raise ValueError(f"images must have shape (B, C, H, W), got {tuple(x.shape)}")
         c, h, w = cfg.data_shape
         if x.shape[1] != c:
-            raise ValueError(f"{cfg.name} expects {c} channels, got {x.shape[1]} "
-                             f"(shape {tuple(x.shape)})")
+            raise ValueError(
+                f"{cfg.name} expects {c} channels, got {x.shape[1]} (shape {tuple(x.shape)})"
+            )
         if tuple(x.shape[2:]) != (h, w):
-            raise ValueError(f"{cfg.name} expects {h}x{w} images, got "
-                             f"{x.shape[2]}x{x.shape[3]}")
+            raise ValueError(f"{cfg.name} expects {h}x{w} images, got {x.shape[2]}x{x.shape[3]}")
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= cfg.n_bins):
-            raise ValueError(f"image values must lie in [0, {cfg.n_bins}), got range "
-                             f"[{int(x.min())}, {int(x.max())}]")
+            raise ValueError(
+                f"image values must lie in [0, {cfg.n_bins}), got range "
+                f"[{int(x.min())}, {int(x.max())}]"
+            )
         return x.to(device=self._device, dtype=self._dtype)
 
     def _dequantise(self, x: Tensor, eps_r: Tensor | None):
@@ -250,7 +281,9 @@ class FlowPlusPlus(nn.Module):
 
     # -- public API --
 
-    def elbo(self, x: Tensor, *, eps_r: Tensor | None = None, eps_q: Tensor | None = None) -> Tensor:
+    def elbo(
+        self, x: Tensor, *, eps_r: Tensor | None = None, eps_q: Tensor | None = None
+    ) -> Tensor:
         """Lower bound (B,) in nats on log P(x) of the discrete images x (one (u, z) draw).
         ``eps_r`` (B, C, H, W) / ``eps_q`` (B, Cz, H, W) fix the standard normal noise."""
         return self._objective(self._check_images(x), eps_r, eps_q)
@@ -277,8 +310,13 @@ class FlowPlusPlus(nn.Module):
         return torch.cat(eps_r).to(**move), (torch.cat(eps_q).to(**move) if cz else None)
 
     @torch.no_grad()
-    def log_prob(self, x: Tensor, num_samples: int = 64, chunk_size: int | None = None,
-                 seed: int | None = None) -> Tensor:
+    def log_prob(
+        self,
+        x: Tensor,
+        num_samples: int = 64,
+        chunk_size: int | None = None,
+        seed: int | None = None,
+    ) -> Tensor:
         """Importance-weighted estimate (Eq. 5) of log P(x), (B,) float64:
         logsumexp_s(objective_s) - log S with S fresh (u, z) draws per image, evaluated
         ``chunk_size`` samples at a time (default: about 256 images per forward pass)."""
@@ -306,7 +344,7 @@ class FlowPlusPlus(nn.Module):
         return v.floor().clamp(0, self.config.n_bins - 1).long()
 
     @torch.no_grad()
-    def initialize(self, x: Tensor) -> "FlowPlusPlus":
+    def initialize(self, x: Tensor) -> FlowPlusPlus:
         """Data-dependent initialisation of every ActNorm on the batch x (no grad)."""
         for m in self.modules():
             if isinstance(m, ActNorm):
@@ -314,7 +352,7 @@ class FlowPlusPlus(nn.Module):
         self.elbo(x)
         return self
 
-    def set_backend(self, name: str) -> "FlowPlusPlus":
+    def set_backend(self, name: str) -> FlowPlusPlus:
         """Select the coupling backend ("auto", "reference", "cpp", "triton") everywhere."""
         if name not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {name!r}")
@@ -333,10 +371,16 @@ class VFlow(FlowPlusPlus):
             raise ValueError("VFlow needs extra_channels >= 1 (use FlowPlusPlus otherwise)")
         super().__init__(config, backend)
         c, h, w = config.data_shape
-        self.q_context = ContextNet(c, config.context_filters, config.context_blocks,
-                                    config.pattern, config.dropout)
-        q_flow, _ = _build_flow(config.q, (config.extra_channels, h, w), config, backend=backend,
-                                context_channels=config.context_filters)
+        self.q_context = ContextNet(
+            c, config.context_filters, config.context_blocks, config.pattern, config.dropout
+        )
+        q_flow, _ = _build_flow(
+            config.q,
+            (config.extra_channels, h, w),
+            config,
+            backend=backend,
+            context_channels=config.context_filters,
+        )
         self.q_flow = Compose([*q_flow.layers, Sigmoid()])
         self.set_backend(backend)
 
@@ -354,14 +398,21 @@ class VFlow(FlowPlusPlus):
 def _vflow_p(blocks, filters, k, affine=None):
     head = (f_affine(*affine),) if affine else ()
     return head + (
-        f_checker(blocks, filters, k, 2), f_channel(blocks, filters, k, 2), SQUEEZE,
-        f_checker(blocks, filters, k, 2), f_channel(blocks, filters, k, 3),
+        f_checker(blocks, filters, k, 2),
+        f_channel(blocks, filters, k, 2),
+        SQUEEZE,
+        f_checker(blocks, filters, k, 2),
+        f_channel(blocks, filters, k, 3),
     )
 
 
 def _flowpp_p(blocks, filters, k):
-    return (f_checker(blocks, filters, k, 4), SQUEEZE, f_channel(blocks, filters, k, 2),
-            f_checker(blocks, filters, k, 3))
+    return (
+        f_checker(blocks, filters, k, 4),
+        SQUEEZE,
+        f_channel(blocks, filters, k, 2),
+        f_checker(blocks, filters, k, 3),
+    )
 
 
 CIFAR = dict(data_shape=(3, 32, 32), n_bins=256, dropout=0.2)
@@ -371,47 +422,129 @@ CONFIGS: dict[str, ModelConfig] = {
     for cfg in [
         # Table 4 / Table 1 (CIFAR-10). The Flow++ dequantiser uses attention as in the
         # official code (31,443,440 parameters); VFlow's q and r follow the paper (g_checker).
-        ModelConfig("flowpp-cifar10", "flowpp", p=_flowpp_p(10, 96, 32),
-                    r=(f_checker(2, 96, 32, 4),), smooth=False, paper_params=31_400_000,
-                    notes="official Flow++ CIFAR-10 code: 31,443,440 parameters", **CIFAR),
-        ModelConfig("vflow-cifar10", "vflow", p=_vflow_p(10, 96, 32), q=(g_checker(3, 96, 32, 4),),
-                    r=(g_checker(2, 96, 32, 4),), extra_channels=3, paper_params=37_800_000,
-                    **CIFAR),
-        ModelConfig("vflow-cifar10-16m", "vflow", p=_vflow_p(10, 64, 16),
-                    q=(g_checker(3, 64, 16, 4),), r=(g_checker(2, 64, 16, 4),), extra_channels=3,
-                    paper_params=16_500_000, **CIFAR),
-        ModelConfig("vflow-cifar10-12m", "vflow", p=_vflow_p(10, 56, 10),
-                    q=(g_checker(3, 56, 10, 4),), r=(f_checker(2, 56, 10, 4),), extra_channels=3,
-                    paper_params=11_900_000, **CIFAR),
+        ModelConfig(
+            "flowpp-cifar10",
+            "flowpp",
+            p=_flowpp_p(10, 96, 32),
+            r=(f_checker(2, 96, 32, 4),),
+            smooth=False,
+            paper_params=31_400_000,
+            notes="official Flow++ CIFAR-10 code: 31,443,440 parameters",
+            **CIFAR,
+        ),
+        ModelConfig(
+            "vflow-cifar10",
+            "vflow",
+            p=_vflow_p(10, 96, 32),
+            q=(g_checker(3, 96, 32, 4),),
+            r=(g_checker(2, 96, 32, 4),),
+            extra_channels=3,
+            paper_params=37_800_000,
+            **CIFAR,
+        ),
+        ModelConfig(
+            "vflow-cifar10-16m",
+            "vflow",
+            p=_vflow_p(10, 64, 16),
+            q=(g_checker(3, 64, 16, 4),),
+            r=(g_checker(2, 64, 16, 4),),
+            extra_channels=3,
+            paper_params=16_500_000,
+            **CIFAR,
+        ),
+        ModelConfig(
+            "vflow-cifar10-12m",
+            "vflow",
+            p=_vflow_p(10, 56, 10),
+            q=(g_checker(3, 56, 10, 4),),
+            r=(f_checker(2, 56, 10, 4),),
+            extra_channels=3,
+            paper_params=11_900_000,
+            **CIFAR,
+        ),
         # Table 5: 4M-parameter budget.
-        ModelConfig("flowpp-4m", "flowpp", p=_flowpp_p(13, 32, 4), r=(f_checker(2, 32, 4, 4),),
-                    smooth=False, paper_params=4_020_000, **CIFAR),
-        ModelConfig("vflow4-4m", "vflow", p=_vflow_p(11, 32, 4, affine=(3, 32)),
-                    q=(g_checker(3, 32, 4, 4),), r=(f_checker(2, 32, 4, 4),), extra_channels=1,
-                    paper_params=4_030_000, **CIFAR),
-        ModelConfig("vflow6-4m", "vflow", p=_vflow_p(10, 32, 4, affine=(3, 32)),
-                    q=(g_checker(3, 32, 4, 4),), r=(f_checker(2, 32, 4, 4),), extra_channels=3,
-                    paper_params=4_010_000, **CIFAR),
+        ModelConfig(
+            "flowpp-4m",
+            "flowpp",
+            p=_flowpp_p(13, 32, 4),
+            r=(f_checker(2, 32, 4, 4),),
+            smooth=False,
+            paper_params=4_020_000,
+            **CIFAR,
+        ),
+        ModelConfig(
+            "vflow4-4m",
+            "vflow",
+            p=_vflow_p(11, 32, 4, affine=(3, 32)),
+            q=(g_checker(3, 32, 4, 4),),
+            r=(f_checker(2, 32, 4, 4),),
+            extra_channels=1,
+            paper_params=4_030_000,
+            **CIFAR,
+        ),
+        ModelConfig(
+            "vflow6-4m",
+            "vflow",
+            p=_vflow_p(10, 32, 4, affine=(3, 32)),
+            q=(g_checker(3, 32, 4, 4),),
+            r=(f_checker(2, 32, 4, 4),),
+            extra_channels=3,
+            paper_params=4_010_000,
+            **CIFAR,
+        ),
         # ImageNet (official recipe; the paper lists no parameter counts).
-        ModelConfig("vflow-imagenet32", "vflow", data_shape=(3, 32, 32), n_bins=256,
-                    p=_vflow_p(20, 128, 32), q=(g_checker(3, 128, 32, 4),),
-                    r=(g_checker(2, 128, 32, 4),), extra_channels=3,
-                    notes="128 filters, 20 blocks, K=32 (official ImageNet 32x32 recipe)"),
-        ModelConfig("vflow-imagenet64", "vflow", data_shape=(3, 64, 64), n_bins=256,
-                    p=(SQUEEZE,) + _vflow_p(10, 96, 4), q=(g_checker(3, 96, 4, 4),),
-                    r=(g_checker(2, 96, 4, 4),), extra_channels=3,
-                    notes="K=4; a first SpaceToDepth to 32x32 keeps attention affordable"),
+        ModelConfig(
+            "vflow-imagenet32",
+            "vflow",
+            data_shape=(3, 32, 32),
+            n_bins=256,
+            p=_vflow_p(20, 128, 32),
+            q=(g_checker(3, 128, 32, 4),),
+            r=(g_checker(2, 128, 32, 4),),
+            extra_channels=3,
+            notes="128 filters, 20 blocks, K=32 (official ImageNet 32x32 recipe)",
+        ),
+        ModelConfig(
+            "vflow-imagenet64",
+            "vflow",
+            data_shape=(3, 64, 64),
+            n_bins=256,
+            p=(SQUEEZE,) + _vflow_p(10, 96, 4),
+            q=(g_checker(3, 96, 4, 4),),
+            r=(g_checker(2, 96, 4, 4),),
+            extra_channels=3,
+            notes="K=4; a first SpaceToDepth to 32x32 keeps attention affordable",
+        ),
         # Tiny configs for 8x8 digits with 17 levels (train in minutes on a CPU).
-        ModelConfig("flowpp-digits", "flowpp", data_shape=(1, 8, 8), n_bins=17,
-                    p=(f_checker(1, 16, 4, 2), SQUEEZE, f_channel(1, 16, 4, 2),
-                       f_checker(1, 16, 4, 2)),
-                    r=(g_checker(1, 16, 4, 2),), smooth=False, context_filters=8,
-                    context_blocks=1),
-        ModelConfig("vflow-digits", "vflow", data_shape=(1, 8, 8), n_bins=17,
-                    p=(f_checker(1, 16, 4, 2), f_channel(1, 16, 4, 2), SQUEEZE,
-                       f_checker(1, 16, 4, 2), f_channel(1, 16, 4, 2)),
-                    q=(g_checker(1, 16, 4, 2),), r=(g_checker(1, 16, 4, 2),), extra_channels=1,
-                    context_filters=8, context_blocks=1),
+        ModelConfig(
+            "flowpp-digits",
+            "flowpp",
+            data_shape=(1, 8, 8),
+            n_bins=17,
+            p=(f_checker(1, 16, 4, 2), SQUEEZE, f_channel(1, 16, 4, 2), f_checker(1, 16, 4, 2)),
+            r=(g_checker(1, 16, 4, 2),),
+            smooth=False,
+            context_filters=8,
+            context_blocks=1,
+        ),
+        ModelConfig(
+            "vflow-digits",
+            "vflow",
+            data_shape=(1, 8, 8),
+            n_bins=17,
+            p=(
+                f_checker(1, 16, 4, 2),
+                f_channel(1, 16, 4, 2),
+                SQUEEZE,
+                f_checker(1, 16, 4, 2),
+                f_channel(1, 16, 4, 2),
+            ),
+            q=(g_checker(1, 16, 4, 2),),
+            r=(g_checker(1, 16, 4, 2),),
+            extra_channels=1,
+            context_filters=8,
+            context_blocks=1,
+        ),
     ]
 }
 

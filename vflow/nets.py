@@ -3,9 +3,10 @@
 All tensors are NCHW. The building blocks follow the official Flow++ code:
 
 * ``concat_elu(x) = elu(cat([x, -x], channels))`` (doubles the channels).
-* ``GatedConv``: ``x + a * sigmoid(b)`` with ``(a, b) = c2(concat_elu(c1(concat_elu(x)) + a_proj(concat_elu(ctx))))``;
-  c1 is a 3x3 conv, a_proj a 1x1 conv of the optional context, c2 a 1x1 ("nin") or 3x3 conv
-  to 2*filters initialised at scale 0.1.
+* ``GatedConv``: ``x + a * sigmoid(b)`` with
+  ``(a, b) = c2(concat_elu(c1(concat_elu(x)) + a_proj(concat_elu(ctx))))``; c1 is a 3x3
+  conv, a_proj a 1x1 conv of the optional context, c2 a 1x1 ("nin") or 3x3 conv to
+  2*filters initialised at scale 0.1.
 * ``ChannelLayerNorm``: layer norm over the channel axis of every pixel.
 * ``GatedAttention``: multi-head self-attention over the H*W positions of ``x + pos_emb``
   (1x1 conv to q, k, v; 1x1 conv to 2*filters at scale 0.1; gate; residual).
@@ -144,9 +145,7 @@ class CouplingNet(nn.Module):
         super().__init__()
         self.attention = attention
         self.proj_in = nn.Conv2d(in_channels, filters, 3, padding=1)
-        self.pos_emb = (
-            nn.Parameter(torch.randn(filters, *spatial) * 0.01) if attention else None
-        )
+        self.pos_emb = nn.Parameter(torch.randn(filters, *spatial) * 0.01) if attention else None
         self.convs = nn.ModuleList(
             GatedConv(filters, context_channels, dropout) for _ in range(blocks)
         )
