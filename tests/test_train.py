@@ -162,6 +162,25 @@ def test_training_reduces_bpd_and_writes_artifacts(tmp_path):
     assert [os.path.basename(p) for p in T.list_checkpoints(args.out)] == [
         "ckpt-00000020.pt", "ckpt-00000040.pt"]
     assert bool(res.model.initialized)  # data-dependent init ran
+    recipe = T.get_recipe("vflow-digits", lr=1e-2, warmup=3, batch_size=16, ema_decay=0.9)
+    for r in train_rows:  # the optimiser ran on the schedule
+        assert r["lr"] == pytest.approx(T.learning_rate(r["step"], recipe))
+    assert train_rows[0]["lr"] < train_rows[-1]["lr"] == 1e-2
+
+
+def test_epochs_set_the_number_of_steps(tmp_path):
+    # 1,438 training digits, global batch 700 -> 2 batches per epoch
+    res = T.train(_args(tmp_path, steps=None, epochs=3, batch_size=700), build_fn=tiny_build)
+    assert res.step == 6
+    ck = torch.load(res.checkpoint, weights_only=True)
+    assert ck["data_position"] == {"epoch": 2, "index": 2, "seed": 3, "batch_size": 700}
+
+
+def test_model_and_data_shapes_must_agree(tmp_path):
+    with pytest.raises(ValueError, match="n_bins=256"):
+        T.train(_args(tmp_path), build_fn=lambda spec: TinyModel(n_bins=256))
+    with pytest.raises(ValueError, match="shape"):
+        T.train(_args(tmp_path), build_fn=lambda spec: TinyModel(data_shape=(3, 8, 8)))
 
 
 def test_checkpoint_round_trip_is_data_only(tmp_path):

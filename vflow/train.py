@@ -384,7 +384,7 @@ class TrainArgs:
     ckpt_every: int = 500
     keep: int = 3
     final_eval: bool = True  # ELBO and IW bpd on the whole test split at the end
-    iw_samples: int = 32
+    iw_samples: int = 16
     n_samples: int = 64  # images in a sample grid
     max_bad_steps: int = 20
     progress: bool = True
