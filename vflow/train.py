@@ -600,12 +600,12 @@ def _train(args: TrainArgs, build_fn, info: DistInfo) -> TrainResult:
             elbo = objective(x)
             loss = -elbo.mean() / (dims * LN2)  # bits/dim
             loss.backward()
-            stats = torch.tensor([loss.detach().double().item(),
-                                  0.0 if torch.isfinite(loss).item() else 1.0],
-                                 dtype=torch.float64)
+            lval = loss.detach().double()
+            stats = torch.stack([lval, (~torch.isfinite(lval)).double()])  # on the device
             if info.enabled:
-                dist.all_reduce(stats)  # mean bpd over ranks, any rank non-finite
-                stats[0] /= info.world_size
+                dist.all_reduce(stats)  # (nccl needs device tensors) sum over ranks
+                stats[0] /= info.world_size  # mean bpd; stats[1] > 0: any rank non-finite
+            stats = stats.cpu()
             if grad_clip:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
             else:
