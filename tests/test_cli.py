@@ -12,8 +12,21 @@ import torch
 from vflow import train as T
 from vflow.cli import main
 
-TINY = ["--config", "vflow-digits", "--batch-size", "16", "--set", "context_filters=4",
-        "--log-every", "1", "--no-progress", "--n-samples", "4", "--eval-images", "16"]
+TINY = [
+    "--config",
+    "vflow-digits",
+    "--batch-size",
+    "16",
+    "--set",
+    "context_filters=4",
+    "--log-every",
+    "1",
+    "--no-progress",
+    "--n-samples",
+    "4",
+    "--eval-images",
+    "16",
+]
 
 
 def _ckpt(run, step=None):
@@ -23,8 +36,22 @@ def _ckpt(run, step=None):
 
 def test_train_eval_sample_resume_end_to_end(tmp_path, capsys):
     run = str(tmp_path / "run")
-    rc = main(["train", *TINY, "--out", run, "--steps", "4", "--eval-every", "2",
-               "--ckpt-every", "2", "--iw-samples", "2"])
+    rc = main(
+        [
+            "train",
+            *TINY,
+            "--out",
+            run,
+            "--steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--ckpt-every",
+            "2",
+            "--iw-samples",
+            "2",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert f"run directory: {run}" in out
@@ -37,7 +64,10 @@ def test_train_eval_sample_resume_end_to_end(tmp_path, capsys):
         assert os.path.isfile(os.path.join(run, f)), f
     ck = _ckpt(run)
     assert ck["step"] == 4 and ck["model_spec"] == {
-        "name": "vflow-digits", "overrides": {"context_filters": 4}, "backend": "auto"}
+        "name": "vflow-digits",
+        "overrides": {"context_filters": 4},
+        "backend": "auto",
+    }
 
     rc = main(["eval", "--run", run, "--samples", "3", "--max-images", "12", "--batch-size", "5"])
     out = capsys.readouterr().out
@@ -51,8 +81,7 @@ def test_train_eval_sample_resume_end_to_end(tmp_path, capsys):
     assert main(["sample", "--run", run, "--n", "6", "--temperature", "0.7", "--out", png]) == 0
     assert os.path.getsize(png) > 1000 and "wrote" in capsys.readouterr().out
 
-    assert main(["train", *TINY, "--out", run, "--resume", "--steps", "6",
-                 "--no-final-eval"]) == 0
+    assert main(["train", *TINY, "--out", run, "--resume", "--steps", "6", "--no-final-eval"]) == 0
     assert _ckpt(run)["step"] == 6
     # starting a new run over an existing one is refused
     assert main(["train", *TINY, "--out", run, "--steps", "2"]) == 2
@@ -60,8 +89,20 @@ def test_train_eval_sample_resume_end_to_end(tmp_path, capsys):
 
 
 def test_cli_resume_is_exact_with_dropout(tmp_path):
-    common = [*TINY, "--set", "dropout=0.2", "--no-final-eval", "--n-samples", "0",
-              "--eval-every", "0", "--ckpt-every", "0", "--seed", "7"]
+    common = [
+        *TINY,
+        "--set",
+        "dropout=0.2",
+        "--no-final-eval",
+        "--n-samples",
+        "0",
+        "--eval-every",
+        "0",
+        "--ckpt-every",
+        "0",
+        "--seed",
+        "7",
+    ]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     assert main(["train", *common, "--out", a, "--steps", "6"]) == 0
     assert main(["train", *common, "--out", b, "--steps", "3"]) == 0
@@ -96,8 +137,17 @@ def test_cli_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["sample", "--run", str(tmp_path / "empty")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
-    rc = main(["train", "--config", "flowpp-cifar10", "--data-dir", str(tmp_path), "--out",
-               str(tmp_path / "c")])
+    rc = main(
+        [
+            "train",
+            "--config",
+            "flowpp-cifar10",
+            "--data-dir",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "c"),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "data_batch_1" in err and "not found" in err
@@ -118,8 +168,12 @@ def test_info(capsys):
 
 
 def test_python_dash_m_entry_point():
-    r = subprocess.run([sys.executable, "-m", "vflow", "info", "bogus"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "vflow", "info", "bogus"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "valid configs" in r.stderr and "flowpp-digits" in r.stderr
 
 
@@ -134,17 +188,48 @@ def test_torchrun_two_processes(tmp_path):
     """`vflow train` and `vflow eval` unchanged under torchrun (2 CPU processes, gloo)."""
     run = str(tmp_path / "run")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "vflow"]
-    r = subprocess.run([*base, "train", *TINY, "--out", run, "--steps", "3", "--no-final-eval",
-                        "--eval-every", "0"], capture_output=True, text=True, timeout=300,
-                       env=env)
+    base = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "vflow",
+    ]
+    r = subprocess.run(
+        [
+            *base,
+            "train",
+            *TINY,
+            "--out",
+            run,
+            "--steps",
+            "3",
+            "--no-final-eval",
+            "--eval-every",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("run directory:") == 1  # only rank 0 prints
     ck = _ckpt(run)
     assert ck["step"] == 3 and ck["world_size"] == 2 and len(ck["rng"]) == 2
     base[base.index("--master_port") + 1] = str(_free_port())
-    r = subprocess.run([*base, "eval", "--run-dir", run, "--samples", "2", "--max-images", "10"],
-                       capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(
+        [*base, "eval", "--run-dir", run, "--samples", "2", "--max-images", "10"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "test bits/dim (10 images)" in r.stdout

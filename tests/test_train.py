@@ -23,14 +23,14 @@ class TinyModel(nn.Module):
     z = 0 (a deterministic objective, for comparing distributed and single-process runs).
     """
 
-    def __init__(self, data_shape=(1, 8, 8), n_bins=17, hidden=16, dropout=0.2, noise=True,
-                 zdim=4):
+    def __init__(self, data_shape=(1, 8, 8), n_bins=17, hidden=16, dropout=0.2, noise=True, zdim=4):
         super().__init__()
         self.config = {"name": "tiny", "data_shape": tuple(data_shape), "n_bins": n_bins}
         d = math.prod(data_shape)
         self.noise, self.zdim = noise, zdim
-        self.net = nn.Sequential(nn.Linear(zdim, hidden), nn.Tanh(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, 2 * d))
+        self.net = nn.Sequential(
+            nn.Linear(zdim, hidden), nn.Tanh(), nn.Dropout(dropout), nn.Linear(hidden, 2 * d)
+        )
         self.bias = nn.Parameter(torch.zeros(d))
         self.register_buffer("initialized", torch.tensor(0))
 
@@ -82,9 +82,22 @@ def tiny_build(spec):
 
 
 def _args(tmp_path, name="run", **kw):
-    base = dict(config="vflow-digits", out=str(tmp_path / name), steps=12, batch_size=16,
-                lr=1e-2, warmup=3, log_every=2, eval_every=0, ckpt_every=0, final_eval=False,
-                n_samples=0, progress=False, seed=3, ema_decay=0.9)
+    base = dict(
+        config="vflow-digits",
+        out=str(tmp_path / name),
+        steps=12,
+        batch_size=16,
+        lr=1e-2,
+        warmup=3,
+        log_every=2,
+        eval_every=0,
+        ckpt_every=0,
+        final_eval=False,
+        n_samples=0,
+        progress=False,
+        seed=3,
+        ema_decay=0.9,
+    )
     base.update(kw)
     return T.TrainArgs(**base)
 
@@ -150,8 +163,15 @@ def test_ema_follows_parameters():
 
 
 def test_training_reduces_bpd_and_writes_artifacts(tmp_path):
-    args = _args(tmp_path, steps=40, final_eval=True, iw_samples=4, n_samples=16,
-                 eval_every=20, ckpt_every=20)
+    args = _args(
+        tmp_path,
+        steps=40,
+        final_eval=True,
+        iw_samples=4,
+        n_samples=16,
+        eval_every=20,
+        ckpt_every=20,
+    )
     res = T.train(args, build_fn=tiny_build)
     rows = read_metrics(os.path.join(args.out, "metrics.jsonl"))
     train_rows = [r for r in rows if r["kind"] == "train"]
@@ -160,7 +180,9 @@ def test_training_reduces_bpd_and_writes_artifacts(tmp_path):
     for f in ("loss.png", "samples.png", "samples-00000020.png", "run.json"):
         assert os.path.isfile(os.path.join(args.out, f)), f
     assert [os.path.basename(p) for p in T.list_checkpoints(args.out)] == [
-        "ckpt-00000020.pt", "ckpt-00000040.pt"]
+        "ckpt-00000020.pt",
+        "ckpt-00000040.pt",
+    ]
     assert bool(res.model.initialized)  # data-dependent init ran
     recipe = T.get_recipe("vflow-digits", lr=1e-2, warmup=3, batch_size=16, ema_decay=0.9)
     for r in train_rows:  # the optimiser ran on the schedule
@@ -292,26 +314,54 @@ def _free_port():
 
 
 def _ddp_worker(rank, world, port, out, kw):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     args = T.TrainArgs(**kw)
     res = T.train(args, build_fn=tiny_build)
-    torch.save({"params": _flat(res.model), "ema": torch.cat([v.flatten() for v in
-                                                           res.ema.params.values()]),
-                "final": res.final}, os.path.join(out, f"rank{rank}.pt"))
+    torch.save(
+        {
+            "params": _flat(res.model),
+            "ema": torch.cat([v.flatten() for v in res.ema.params.values()]),
+            "final": res.final,
+        },
+        os.path.join(out, f"rank{rank}.pt"),
+    )
 
 
 def test_two_process_ddp_matches_single_process(tmp_path):
-    kw = dict(config="vflow-digits", steps=6, batch_size=16, lr=1e-2, warmup=2, log_every=2,
-              eval_every=0, ckpt_every=3, final_eval=True, iw_samples=2, n_samples=4,
-              progress=False, seed=5, ema_decay=0.9, eval_images=None,
-              overrides={"noise": False, "dropout": 0.0})
+    kw = dict(
+        config="vflow-digits",
+        steps=6,
+        batch_size=16,
+        lr=1e-2,
+        warmup=2,
+        log_every=2,
+        eval_every=0,
+        ckpt_every=3,
+        final_eval=True,
+        iw_samples=2,
+        n_samples=4,
+        progress=False,
+        seed=5,
+        ema_decay=0.9,
+        eval_images=None,
+        overrides={"noise": False, "dropout": 0.0},
+    )
     single = T.train(T.TrainArgs(out=str(tmp_path / "single"), **kw), build_fn=tiny_build)
     out = tmp_path / "ddp"
     out.mkdir()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out), dict(out=str(out / "run"), **kw)),
-             nprocs=2, join=True)
+    mp.spawn(
+        _ddp_worker,
+        args=(2, _free_port(), str(out), dict(out=str(out / "run"), **kw)),
+        nprocs=2,
+        join=True,
+    )
     r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(r0["params"], r1["params"])  # ranks in sync
     assert torch.equal(r0["ema"], r1["ema"])

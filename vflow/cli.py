@@ -69,18 +69,26 @@ def _nonneg_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="vflow", description="Train, evaluate and sample VFlow / Flow++ models.",
+        prog="vflow",
+        description="Train, evaluate and sample VFlow / Flow++ models.",
         epilog="Run 'vflow train' with no options for the small digits demo (a few minutes "
-               "on a CPU).")
+        "on a CPU).",
+    )
     sub = p.add_subparsers(dest="command", metavar="{train,eval,sample,info}")
     sub.required = True
 
-    t = sub.add_parser("train", help="train a model (default: vflow-digits on 8x8 digits)",
-                       description="Train a model. --batch-size is the global batch (split "
-                                   "across torchrun ranks).")
+    t = sub.add_parser(
+        "train",
+        help="train a model (default: vflow-digits on 8x8 digits)",
+        description="Train a model. --batch-size is the global batch (split "
+        "across torchrun ranks).",
+    )
     t.add_argument("--config", default="vflow-digits", help="model config (default: %(default)s)")
-    t.add_argument("--data", choices=["digits", "cifar10", "imagenet32", "imagenet64"],
-                   help="dataset (default: the config's, e.g. digits for *-digits)")
+    t.add_argument(
+        "--data",
+        choices=["digits", "cifar10", "imagenet32", "imagenet64"],
+        help="dataset (default: the config's, e.g. digits for *-digits)",
+    )
     t.add_argument("--data-dir", help="folder with the CIFAR-10 / ImageNet files (no download)")
     t.add_argument("--out", help="run directory (default: runs/<config>-<timestamp>)")
     g = t.add_mutually_exclusive_group()
@@ -91,45 +99,89 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=_nonneg_int, help="linear warm-up steps")
     t.add_argument("--ema-decay", type=float, help="EMA decay of the weights")
     t.add_argument("--grad-clip", type=float, help="global gradient-norm clip (0 = off)")
-    t.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="random horizontal flips (default: the recipe's)")
+    t.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random horizontal flips (default: the recipe's)",
+    )
     t.add_argument("--backend", default="auto", choices=["auto", "reference", "cpp", "triton"])
     t.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
-    t.add_argument("--set", dest="overrides", action="append", type=_parse_override, default=[],
-                   metavar="KEY=VALUE", help="override a model config field, e.g. --set "
-                   "dropout=0.2 (repeatable)")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        type=_parse_override,
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model config field, e.g. --set dropout=0.2 (repeatable)",
+    )
     t.add_argument("--log-every", type=_positive_int, default=10)
-    t.add_argument("--eval-every", type=_nonneg_int, default=500,
-                   help="steps between test ELBO + sample grids (0 = only at the end)")
-    t.add_argument("--eval-images", type=_positive_int, default=512,
-                   help="test images of the periodic evaluation")
+    t.add_argument(
+        "--eval-every",
+        type=_nonneg_int,
+        default=500,
+        help="steps between test ELBO + sample grids (0 = only at the end)",
+    )
+    t.add_argument(
+        "--eval-images",
+        type=_positive_int,
+        default=512,
+        help="test images of the periodic evaluation",
+    )
     t.add_argument("--ckpt-every", type=_nonneg_int, default=500)
     t.add_argument("--keep", type=_positive_int, default=3, help="checkpoints kept")
-    t.add_argument("--iw-samples", type=_positive_int, default=16,
-                   help="importance samples of the final test evaluation (default: %(default)s;"
-                        " use 'vflow eval' for the paper's numbers)")
-    t.add_argument("--no-final-eval", dest="final_eval", action="store_false",
-                   help="skip the final test evaluation")
+    t.add_argument(
+        "--iw-samples",
+        type=_positive_int,
+        default=16,
+        help="importance samples of the final test evaluation (default: %(default)s;"
+        " use 'vflow eval' for the paper's numbers)",
+    )
+    t.add_argument(
+        "--no-final-eval",
+        dest="final_eval",
+        action="store_false",
+        help="skip the final test evaluation",
+    )
     t.add_argument("--n-samples", type=_nonneg_int, default=64, help="images per sample grid")
-    t.add_argument("--max-bad-steps", type=_positive_int, default=20,
-                   help="consecutive non-finite steps before stopping")
-    t.add_argument("--threads", type=_positive_int,
-                   help="torch CPU threads (default: 1 for digits, else torch's default)")
+    t.add_argument(
+        "--max-bad-steps",
+        type=_positive_int,
+        default=20,
+        help="consecutive non-finite steps before stopping",
+    )
+    t.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch CPU threads (default: 1 for digits, else torch's default)",
+    )
     t.add_argument("--no-progress", dest="progress", action="store_false")
 
     e = sub.add_parser("eval", help="importance-weighted test bits/dim (Eq. 5) with EMA weights")
-    e.add_argument("--run", "--run-dir", dest="run", required=True,
-                   help="run directory (with ckpt-*.pt); under torchrun spell it --run-dir "
-                        "(torchrun's own parser takes --run for its --run-path)")
-    e.add_argument("--samples", type=_positive_int,
-                   help="importance samples S per image (default: 64 digits, 4096 CIFAR-10, "
-                        "1024 ImageNet, as in the paper)")
+    e.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        help="run directory (with ckpt-*.pt); under torchrun spell it --run-dir "
+        "(torchrun's own parser takes --run for its --run-path)",
+    )
+    e.add_argument(
+        "--samples",
+        type=_positive_int,
+        help="importance samples S per image (default: 64 digits, 4096 CIFAR-10, "
+        "1024 ImageNet, as in the paper)",
+    )
     e.add_argument("--split", default="test", choices=["test", "train"])
     e.add_argument("--batch-size", type=_positive_int, default=16, help="images per pass")
-    e.add_argument("--chunk-size", type=_positive_int,
-                   help="importance samples per forward pass (default: the model's)")
+    e.add_argument(
+        "--chunk-size",
+        type=_positive_int,
+        help="importance samples per forward pass (default: the model's)",
+    )
     e.add_argument("--max-images", type=_positive_int, help="evaluate only the first N images")
     e.add_argument("--data-dir", help="override the run's data directory")
     e.add_argument("--backend", choices=["auto", "reference", "cpp", "triton"])
@@ -161,14 +213,35 @@ def _train(a, parser) -> int:
         parser.error("--resume needs --out RUNDIR (the run to continue)")
     out = a.out or T.default_run_dir(a.config)
     args = T.TrainArgs(
-        config=a.config, data=a.data, data_dir=a.data_dir, out=out, steps=a.steps,
-        epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
-        ema_decay=a.ema_decay, grad_clip=a.grad_clip, flip=a.flip, backend=a.backend,
-        device=a.device, seed=a.seed, resume=a.resume, overrides=dict(a.overrides),
-        log_every=a.log_every, eval_every=a.eval_every, eval_images=a.eval_images,
-        ckpt_every=a.ckpt_every, keep=a.keep, final_eval=a.final_eval,
-        iw_samples=a.iw_samples, n_samples=a.n_samples, max_bad_steps=a.max_bad_steps,
-        progress=a.progress, num_threads=a.threads)
+        config=a.config,
+        data=a.data,
+        data_dir=a.data_dir,
+        out=out,
+        steps=a.steps,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        warmup=a.warmup,
+        ema_decay=a.ema_decay,
+        grad_clip=a.grad_clip,
+        flip=a.flip,
+        backend=a.backend,
+        device=a.device,
+        seed=a.seed,
+        resume=a.resume,
+        overrides=dict(a.overrides),
+        log_every=a.log_every,
+        eval_every=a.eval_every,
+        eval_images=a.eval_images,
+        ckpt_every=a.ckpt_every,
+        keep=a.keep,
+        final_eval=a.final_eval,
+        iw_samples=a.iw_samples,
+        n_samples=a.n_samples,
+        max_bad_steps=a.max_bad_steps,
+        progress=a.progress,
+        num_threads=a.threads,
+    )
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if main_rank:
         print(f"run directory: {out}", flush=True)
@@ -182,8 +255,10 @@ def _train(a, parser) -> int:
     if main_rank:
         if res.final is not None:
             f = res.final
-            print(f"test bits/dim ({f['n']} images, EMA weights): ELBO {f['elbo_bpd']:.4f}, "
-                  f"importance-weighted (S={f['samples']}) {f['iw_bpd']:.4f}")
+            print(
+                f"test bits/dim ({f['n']} images, EMA weights): ELBO {f['elbo_bpd']:.4f}, "
+                f"importance-weighted (S={f['samples']}) {f['iw_bpd']:.4f}"
+            )
         print(f"steps {res.step} (skipped {res.skipped}); checkpoint {res.checkpoint}")
         for name in ("samples.png", "loss.png", "metrics.jsonl"):
             path = os.path.join(out, name)
@@ -210,15 +285,29 @@ def _eval(a, parser) -> int:
         data = load_dataset(data_name, a.split, a.data_dir or ck.get("data_dir"))
         samples = a.samples or EVAL_SAMPLES.get(data_name, 64)
         if info.main:
-            print(f"{a.run}: {ck['model_spec']['name']} step {ck['step']}, "
-                  f"{'EMA' if a.ema else 'raw'} weights; {data_name} {a.split}, "
-                  f"S={samples} importance samples, {info.world_size} process(es)", flush=True)
-        res = evaluate(model, data, batch_size=a.batch_size, samples=samples,
-                       chunk_size=a.chunk_size, device=device, seed=a.seed,
-                       max_images=a.max_images, progress=True, desc=f"eval {a.split}")
+            print(
+                f"{a.run}: {ck['model_spec']['name']} step {ck['step']}, "
+                f"{'EMA' if a.ema else 'raw'} weights; {data_name} {a.split}, "
+                f"S={samples} importance samples, {info.world_size} process(es)",
+                flush=True,
+            )
+        res = evaluate(
+            model,
+            data,
+            batch_size=a.batch_size,
+            samples=samples,
+            chunk_size=a.chunk_size,
+            device=device,
+            seed=a.seed,
+            max_images=a.max_images,
+            progress=True,
+            desc=f"eval {a.split}",
+        )
         if info.main:
-            print(f"{a.split} bits/dim ({res['n']} images): ELBO {res['elbo_bpd']:.4f}, "
-                  f"importance-weighted (S={samples}) {res['iw_bpd']:.4f}")
+            print(
+                f"{a.split} bits/dim ({res['n']} images): ELBO {res['elbo_bpd']:.4f}, "
+                f"importance-weighted (S={samples}) {res['iw_bpd']:.4f}"
+            )
             res.update(step=int(ck["step"]), split=a.split, ema=a.ema)
             path = os.path.join(a.run, f"eval-{a.split}-S{samples}.json")
             with open(path, "w") as f:
@@ -244,8 +333,12 @@ def _sample(a, parser) -> int:
     T.set_threads(None, ck["data"], a.device)
     x = draw_samples(model, a.n, temperature=a.temperature, seed=a.seed, device=a.device)
     out = a.out or os.path.join(a.run, f"samples-T{a.temperature:g}.png")
-    save_grid(x, int(model_cfg(model, "n_bins")), out,
-              title=f"{ck['model_spec']['name']} step {ck['step']}, T={a.temperature:g}")
+    save_grid(
+        x,
+        int(model_cfg(model, "n_bins")),
+        out,
+        title=f"{ck['model_spec']['name']} step {ck['step']}, T={a.temperature:g}",
+    )
     print(f"wrote {out}")
     return 0
 
@@ -278,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"vflow {a.command}: error: {msg}", file=sys.stderr)
         return 2
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -98,15 +98,18 @@ def _read_cifar_batch(path: str) -> np.ndarray:
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
         raise DataError(f"cannot read CIFAR-10 file {path}: {e}; {CIFAR_LAYOUT}") from e
     if not isinstance(d, dict):
-        raise DataError(f"CIFAR-10 file {path} holds a {type(d).__name__}, not a dict; "
-                        f"{CIFAR_LAYOUT}")
+        raise DataError(
+            f"CIFAR-10 file {path} holds a {type(d).__name__}, not a dict; {CIFAR_LAYOUT}"
+        )
     data = d.get(b"data", d.get("data"))
     if data is None:
         raise DataError(f"CIFAR-10 file {path} has no b'data' entry; {CIFAR_LAYOUT}")
     data = np.asarray(data)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise DataError(f"CIFAR-10 file {path}: b'data' is {data.dtype} {data.shape}, "
-                        f"not uint8 (N, 3072); {CIFAR_LAYOUT}")
+        raise DataError(
+            f"CIFAR-10 file {path}: b'data' is {data.dtype} {data.shape}, "
+            f"not uint8 (N, 3072); {CIFAR_LAYOUT}"
+        )
     return data.reshape(-1, 3, 32, 32)
 
 
@@ -132,16 +135,19 @@ def _read_imagenet_npz(path: str, res: int) -> np.ndarray:
     try:
         with np.load(path, allow_pickle=False) as f:
             if "data" not in f.files:
-                raise DataError(f"ImageNet{res} file {path} has no 'data' array "
-                                f"(has {f.files}); {layout}")
+                raise DataError(
+                    f"ImageNet{res} file {path} has no 'data' array (has {f.files}); {layout}"
+                )
             data = f["data"]
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001
         raise DataError(f"cannot read ImageNet{res} file {path}: {e}; {layout}") from e
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * res * res:
-        raise DataError(f"ImageNet{res} file {path}: 'data' is {data.dtype} {data.shape}, "
-                        f"not uint8 (N, {3 * res * res}); {layout}")
+        raise DataError(
+            f"ImageNet{res} file {path}: 'data' is {data.dtype} {data.shape}, "
+            f"not uint8 (N, {3 * res * res}); {layout}"
+        )
     return data.reshape(-1, 3, res, res)
 
 
@@ -161,8 +167,9 @@ def load_imagenet(data_dir: str, res: int, split: str = "train", flip: bool = Fa
     return ImageData(f"imagenet{res}", split, images, n_bins=256, flip=flip and split == "train")
 
 
-def load_dataset(name: str, split: str = "train", data_dir: str | None = None,
-                 flip: bool = False) -> ImageData:
+def load_dataset(
+    name: str, split: str = "train", data_dir: str | None = None, flip: bool = False
+) -> ImageData:
     """Dispatch on the dataset name (one of :data:`DATASETS`)."""
     if name == "digits":
         return load_digits(split)
@@ -198,11 +205,21 @@ class BatchStream:
     ``batch_size // world_size`` images of it. State: ``(epoch, index)`` of the next batch.
     """
 
-    def __init__(self, data: ImageData, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, epoch: int = 0, index: int = 0):
+    def __init__(
+        self,
+        data: ImageData,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch: int = 0,
+        index: int = 0,
+    ):
         if batch_size % world_size:
-            raise ValueError(f"the global batch size {batch_size} is not divisible by the "
-                             f"world size {world_size}")
+            raise ValueError(
+                f"the global batch size {batch_size} is not divisible by the "
+                f"world size {world_size}"
+            )
         if batch_size > len(data):
             raise ValueError(f"batch size {batch_size} exceeds the {len(data)} training images")
         self.data, self.batch_size, self.seed = data, batch_size, seed
@@ -223,7 +240,7 @@ class BatchStream:
 
     def global_batch(self, epoch: int, index: int) -> Tensor:
         """The whole global batch ``index`` of ``epoch`` (all ranks), long ``(B, C, H, W)``."""
-        idx = self._permutation(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+        idx = self._permutation(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
         x = self.data.images[idx].long()
         if self.data.flip:
             flips = torch.rand(len(idx), generator=_gen(self.seed, epoch, index, 1)) < 0.5
@@ -237,11 +254,15 @@ class BatchStream:
         x = self.global_batch(self.epoch, self.index)
         self.index += 1
         lo = self.rank * self.local_batch
-        return x[lo:lo + self.local_batch]
+        return x[lo : lo + self.local_batch]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
-                "batch_size": self.batch_size}
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])

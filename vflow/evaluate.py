@@ -41,10 +41,18 @@ def _dist_on() -> bool:
 
 
 @torch.no_grad()
-def evaluate(model, data: ImageData, batch_size: int = 256, samples: int = 0,
-             chunk_size: int | None = None, device="cpu", seed: int = 0,
-             max_images: int | None = None, progress: bool = False,
-             desc: str = "eval") -> dict:
+def evaluate(
+    model,
+    data: ImageData,
+    batch_size: int = 256,
+    samples: int = 0,
+    chunk_size: int | None = None,
+    device="cpu",
+    seed: int = 0,
+    max_images: int | None = None,
+    progress: bool = False,
+    desc: str = "eval",
+) -> dict:
     """Test bits/dim of ``model`` on ``data``: always the ELBO; with ``samples > 0`` also the
     importance-weighted estimate with that many samples per image.
 
@@ -126,8 +134,11 @@ def save_grid(images: Tensor, n_bins: int, path: str, title: str | None = None) 
     grid = torch.ones(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
     for i in range(n):
         r, q = divmod(i, cols)
-        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h,
-             pad + q * (w + pad):pad + q * (w + pad) + w] = x[i]
+        grid[
+            :,
+            pad + r * (h + pad) : pad + r * (h + pad) + h,
+            pad + q * (w + pad) : pad + q * (w + pad) + w,
+        ] = x[i]
     img = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
     width = 6.0
     fig = plt.figure(figsize=(width, width * img.shape[0] / img.shape[1] / (0.93 if title else 1)))
@@ -164,8 +175,13 @@ def plot_loss_curve(metrics_path: str, path: str, title: str | None = None) -> s
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_path)
-    tr = [(r["step"], r["train_bpd"]) for r in rows if r.get("kind") == "train"
-          and r.get("train_bpd") is not None and math.isfinite(r["train_bpd"])]
+    tr = [
+        (r["step"], r["train_bpd"])
+        for r in rows
+        if r.get("kind") == "train"
+        and r.get("train_bpd") is not None
+        and math.isfinite(r["train_bpd"])
+    ]
     te = [(r["step"], r["elbo_bpd"]) for r in rows if r.get("kind") == "eval"]
     iw = [(r["step"], r["iw_bpd"]) for r in rows if r.get("kind") == "eval" and "iw_bpd" in r]
     fig, ax = plt.subplots(figsize=(6, 4))

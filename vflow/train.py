@@ -73,22 +73,50 @@ DEFAULT_RECIPE = {
 #: Per-config training recipes (merged over DEFAULT_RECIPE; unknown configs get the default).
 RECIPES: dict[str, dict] = {
     # The small default: ~3-4 minutes on 2 CPU cores (see vflow.cli).
-    "vflow-digits": {"lr": 2e-3, "warmup": 100, "batch_size": 64, "ema_decay": 0.99,
-                     "steps": 1000},
-    "flowpp-digits": {"lr": 2e-3, "warmup": 100, "batch_size": 64, "ema_decay": 0.99,
-                      "steps": 1000},
+    "vflow-digits": {"lr": 2e-3, "warmup": 100, "batch_size": 64, "ema_decay": 0.99, "steps": 1000},
+    "flowpp-digits": {
+        "lr": 2e-3,
+        "warmup": 100,
+        "batch_size": 64,
+        "ema_decay": 0.99,
+        "steps": 1000,
+    },
     # Official VFlow CIFAR-10 (paper section 6): 1.2e-3, warmup 2k, x0.99999 from 50k to 3e-4.
-    "vflow-cifar10": {"lr": 1.2e-3, "warmup": 2000, "decay_start": 50_000,
-                      "decay_rate": 0.99999, "lr_min": 3e-4, "batch_size": 64,
-                      "ema_decay": 0.999, "steps": 1_500_000, "flip": True},
+    "vflow-cifar10": {
+        "lr": 1.2e-3,
+        "warmup": 2000,
+        "decay_start": 50_000,
+        "decay_rate": 0.99999,
+        "lr_min": 3e-4,
+        "batch_size": 64,
+        "ema_decay": 0.999,
+        "steps": 1_500_000,
+        "flip": True,
+    },
     # Flow++ used 3e-4 without decay.
-    "flowpp-cifar10": {"lr": 3e-4, "warmup": 2000, "batch_size": 64, "ema_decay": 0.999,
-                       "steps": 1_500_000, "flip": True},
+    "flowpp-cifar10": {
+        "lr": 3e-4,
+        "warmup": 2000,
+        "batch_size": 64,
+        "ema_decay": 0.999,
+        "steps": 1_500_000,
+        "flip": True,
+    },
     # ImageNet 32x32: lr 1e-3, warmup 5,000, batch 32.
-    "vflow-imagenet32": {"lr": 1e-3, "warmup": 5000, "batch_size": 32, "ema_decay": 0.999,
-                         "steps": 1_500_000},
-    "vflow-imagenet64": {"lr": 1e-3, "warmup": 5000, "batch_size": 32, "ema_decay": 0.999,
-                         "steps": 1_500_000},
+    "vflow-imagenet32": {
+        "lr": 1e-3,
+        "warmup": 5000,
+        "batch_size": 32,
+        "ema_decay": 0.999,
+        "steps": 1_500_000,
+    },
+    "vflow-imagenet64": {
+        "lr": 1e-3,
+        "warmup": 5000,
+        "batch_size": 32,
+        "ema_decay": 0.999,
+        "steps": 1_500_000,
+    },
 }
 
 
@@ -156,8 +184,12 @@ class EMA:
         self.updates += 1
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates, "params": self.params,
-                "buffers": self.buffers}
+        return {
+            "decay": self.decay,
+            "updates": self.updates,
+            "params": self.params,
+            "buffers": self.buffers,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.updates = float(state["decay"]), int(state["updates"])
@@ -203,8 +235,9 @@ def init_distributed(device: str) -> DistInfo:
     if world <= 1:
         return DistInfo()
     if dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(),
-                        int(os.environ.get("LOCAL_RANK", "0")))
+        return DistInfo(
+            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+        )
     backend = "nccl" if device.startswith("cuda") else "gloo"
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
@@ -237,9 +270,13 @@ def get_rng_state(device: torch.device) -> dict:
     npst = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": str(npst[0]), "key": torch.from_numpy(npst[1].astype(np.int64)),
-                  "pos": int(npst[2]), "has_gauss": int(npst[3]),
-                  "cached_gaussian": float(npst[4])},
+        "numpy": {
+            "name": str(npst[0]),
+            "key": torch.from_numpy(npst[1].astype(np.int64)),
+            "pos": int(npst[2]),
+            "has_gauss": int(npst[3]),
+            "cached_gaussian": float(npst[4]),
+        },
         "python": random.getstate(),
     }
     if device.type == "cuda":
@@ -250,8 +287,15 @@ def get_rng_state(device: torch.device) -> dict:
 def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (
+            n["name"],
+            n["key"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     if device.type == "cuda" and "cuda" in state:
@@ -324,12 +368,18 @@ def default_build(spec: dict) -> nn.Module:
     build = getattr(vflow, "build", None)
     if build is None:
         from vflow.models import build
-    return build(spec["name"], backend=spec.get("backend", "auto"), **dict(spec.get("overrides")
-                                                                            or {}))
+    return build(
+        spec["name"], backend=spec.get("backend", "auto"), **dict(spec.get("overrides") or {})
+    )
 
 
-def load_run_model(run_dir: str, device="cpu", use_ema: bool = True, backend: str | None = None,
-                   build_fn: Callable[[dict], nn.Module] = default_build):
+def load_run_model(
+    run_dir: str,
+    device="cpu",
+    use_ema: bool = True,
+    backend: str | None = None,
+    build_fn: Callable[[dict], nn.Module] = default_build,
+):
     """The model of a run's newest checkpoint (EMA weights by default) and the checkpoint."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run directory not found: {run_dir}")
@@ -391,9 +441,15 @@ class TrainArgs:
     num_threads: int | None = None
 
     def recipe(self) -> dict:
-        return get_recipe(self.config, lr=self.lr, warmup=self.warmup,
-                          batch_size=self.batch_size, ema_decay=self.ema_decay,
-                          grad_clip=self.grad_clip, flip=self.flip)
+        return get_recipe(
+            self.config,
+            lr=self.lr,
+            warmup=self.warmup,
+            batch_size=self.batch_size,
+            ema_decay=self.ema_decay,
+            grad_clip=self.grad_clip,
+            flip=self.flip,
+        )
 
 
 def default_run_dir(config: str) -> str:
@@ -446,8 +502,10 @@ def _train(args: TrainArgs, build_fn, info: DistInfo) -> TrainResult:
     if args.resume and ckpt_path is None:
         raise FileNotFoundError(f"--resume: no checkpoint (ckpt-*.pt) in {run_dir}")
     if not args.resume and ckpt_path is not None:
-        raise FileExistsError(f"{run_dir} already holds checkpoints; pass --resume to continue "
-                              f"it or choose another --out")
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints; pass --resume to continue "
+            f"it or choose another --out"
+        )
     ck = load_checkpoint(ckpt_path) if args.resume else None
 
     if ck is not None:
@@ -456,11 +514,21 @@ def _train(args: TrainArgs, build_fn, info: DistInfo) -> TrainResult:
             spec["backend"] = args.backend
         recipe = dict(ck["recipe"])
         recipe["betas"] = tuple(recipe["betas"])
+        given = [
+            k
+            for k in ("lr", "warmup", "batch_size", "ema_decay", "grad_clip", "flip")
+            if getattr(args, k) is not None
+        ]
+        if given:
+            _log(f"note: resuming with the checkpoint's recipe; ignoring {', '.join(given)}", info)
         seed, data_name = int(ck["seed"]), ck["data"]
         data_dir = args.data_dir or ck.get("data_dir")
     else:
-        spec = {"name": args.config, "overrides": _plain(dict(args.overrides)),
-                "backend": args.backend}
+        spec = {
+            "name": args.config,
+            "overrides": _plain(dict(args.overrides)),
+            "backend": args.backend,
+        }
         recipe = args.recipe()
         seed = args.seed
         data_name = args.data or default_dataset_for(args.config)
@@ -469,8 +537,9 @@ def _train(args: TrainArgs, build_fn, info: DistInfo) -> TrainResult:
     set_threads(args.num_threads, data_name, args.device)
     train_data = load_dataset(data_name, "train", data_dir, flip=bool(recipe["flip"]))
     test_data = load_dataset(data_name, "test", data_dir)
-    stream = BatchStream(train_data, int(recipe["batch_size"]), seed=seed, rank=info.rank,
-                         world_size=info.world_size)
+    stream = BatchStream(
+        train_data, int(recipe["batch_size"]), seed=seed, rank=info.rank, world_size=info.world_size
+    )
     if args.steps is not None:
         total_steps = int(args.steps)
     elif args.epochs is not None:
@@ -484,15 +553,20 @@ def _train(args: TrainArgs, build_fn, info: DistInfo) -> TrainResult:
     model = build_fn(spec).to(device)
     shape, n_bins = model_cfg(model, "data_shape"), model_cfg(model, "n_bins")
     if shape is not None and tuple(shape) != tuple(train_data.shape):
-        raise ValueError(f"config {spec['name']} models images of shape {tuple(shape)} but "
-                         f"dataset {data_name} has {tuple(train_data.shape)}")
+        raise ValueError(
+            f"config {spec['name']} models images of shape {tuple(shape)} but "
+            f"dataset {data_name} has {tuple(train_data.shape)}"
+        )
     if n_bins is not None and int(n_bins) != train_data.n_bins:
-        raise ValueError(f"config {spec['name']} has n_bins={n_bins} but dataset {data_name} "
-                         f"has {train_data.n_bins} levels")
+        raise ValueError(
+            f"config {spec['name']} has n_bins={n_bins} but dataset {data_name} "
+            f"has {train_data.n_bins} levels"
+        )
     dims = math.prod(train_data.shape)
 
-    opt = torch.optim.Adam(model.parameters(), lr=learning_rate(1, recipe),
-                           betas=tuple(recipe["betas"]))
+    opt = torch.optim.Adam(
+        model.parameters(), lr=learning_rate(1, recipe), betas=tuple(recipe["betas"])
+    )
     if ck is not None:
         model.load_state_dict(ck["model"])
         ema = EMA(model, recipe["ema_decay"])
@@ -504,8 +578,11 @@ def _train(args: TrainArgs, build_fn, info: DistInfo) -> TrainResult:
         if len(rngs) == info.world_size and rngs[info.rank] is not None:
             set_rng_state(rngs[info.rank], device)
         else:
-            _log(f"warning: checkpoint holds RNG states for {len(rngs)} rank(s), running on "
-                 f"{info.world_size}; reseeding", info)
+            _log(
+                f"warning: checkpoint holds RNG states for {len(rngs)} rank(s), running on "
+                f"{info.world_size}; reseeding",
+                info,
+            )
             seed_everything(seed * 7919 + step * 31 + info.rank)
         _log(f"resumed {run_dir} from {ckpt_path} at step {step}", info)
     else:
@@ -523,10 +600,20 @@ def _train(args: TrainArgs, build_fn, info: DistInfo) -> TrainResult:
     if info.main:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "run.json"), "w") as f:
-            json.dump({"model_spec": spec, "recipe": _plain(recipe), "data": data_name,
-                       "data_dir": data_dir, "seed": seed, "total_steps": total_steps,
-                       "world_size": info.world_size, "args": _plain(dataclasses.asdict(args))},
-                      f, indent=2)
+            json.dump(
+                {
+                    "model_spec": spec,
+                    "recipe": _plain(recipe),
+                    "data": data_name,
+                    "data_dir": data_dir,
+                    "seed": seed,
+                    "total_steps": total_steps,
+                    "world_size": info.world_size,
+                    "args": _plain(dataclasses.asdict(args)),
+                },
+                f,
+                indent=2,
+            )
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
 
     objective = _ElboObjective(model)
@@ -552,11 +639,22 @@ def _train(args: TrainArgs, build_fn, info: DistInfo) -> TrainResult:
         if not info.main:
             return None
         state = {
-            "format": 1, "reason": reason, "step": step, "total_steps": total_steps,
-            "skipped": skipped, "model": model.state_dict(), "ema": ema.state_dict(),
-            "optimizer": opt.state_dict(), "data_position": stream.state_dict(),
-            "rng": rngs, "model_spec": spec, "recipe": _plain(recipe), "seed": seed,
-            "data": data_name, "data_dir": data_dir, "world_size": info.world_size,
+            "format": 1,
+            "reason": reason,
+            "step": step,
+            "total_steps": total_steps,
+            "skipped": skipped,
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": opt.state_dict(),
+            "data_position": stream.state_dict(),
+            "rng": rngs,
+            "model_spec": spec,
+            "recipe": _plain(recipe),
+            "seed": seed,
+            "data": data_name,
+            "data_dir": data_dir,
+            "world_size": info.world_size,
             "args": _plain(dataclasses.asdict(args)),
         }
         return save_checkpoint(state, run_dir, step, keep=args.keep)
@@ -568,24 +666,34 @@ def _train(args: TrainArgs, build_fn, info: DistInfo) -> TrainResult:
 
     def periodic_eval(final: bool = False) -> dict:
         m = ema_model()
-        res = evaluate(m, test_data, batch_size=args.eval_batch_size,
-                       samples=args.iw_samples if final else 0, device=device, seed=seed,
-                       max_images=None if final else args.eval_images,
-                       progress=final and args.progress, desc="test (IW)")
+        res = evaluate(
+            m,
+            test_data,
+            batch_size=args.eval_batch_size,
+            samples=args.iw_samples if final else 0,
+            device=device,
+            seed=seed,
+            max_images=None if final else args.eval_images,
+            progress=final and args.progress,
+            desc="test (IW)",
+        )
         write_metrics({"kind": "eval", "step": step, "final": final, **res})
         if info.main and args.n_samples:
             x = draw_samples(m, args.n_samples, seed=seed, device=device)
             name = "samples.png" if final else f"samples-{step:08d}.png"
-            save_grid(x, train_data.n_bins, os.path.join(run_dir, name),
-                      title=f"{spec['name']} step {step} (EMA)")
+            save_grid(
+                x,
+                train_data.n_bins,
+                os.path.join(run_dir, name),
+                title=f"{spec['name']} step {step} (EMA)",
+            )
         return res
 
     bar = None
     if info.main and args.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
-                   dynamic_ncols=True)
+        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     bad_streak = 0
     acc = {"bpd": 0.0, "n": 0, "gnorm": 0.0, "t0": time.perf_counter(), "imgs": 0}
     last_ckpt = ckpt_path
@@ -610,7 +718,8 @@ def _train(args: TrainArgs, build_fn, info: DistInfo) -> TrainResult:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
             else:
                 gnorm = torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
+                    torch.stack([p.grad.norm() for p in params if p.grad is not None])
+                ).item()
             ok = stats[1].item() == 0 and math.isfinite(gnorm)
             if ok:
                 opt.step()
@@ -627,43 +736,70 @@ def _train(args: TrainArgs, build_fn, info: DistInfo) -> TrainResult:
                 acc["n"] += 1
             acc["imgs"] += stream.batch_size
             if not ok:
-                write_metrics({"kind": "skip", "step": step, "loss": stats[0].item(),
-                               "grad_norm": gnorm, "streak": bad_streak, "skipped": skipped})
+                write_metrics(
+                    {
+                        "kind": "skip",
+                        "step": step,
+                        "loss": stats[0].item(),
+                        "grad_norm": gnorm,
+                        "streak": bad_streak,
+                        "skipped": skipped,
+                    }
+                )
                 if bad_streak >= args.max_bad_steps:
                     raise NonFiniteError(
                         f"{bad_streak} consecutive steps with a non-finite loss or gradient "
                         f"(last at step {step}); stopping. The last good checkpoint is "
-                        f"{last_ckpt or '(none written yet)'}")
+                        f"{last_ckpt or '(none written yet)'}"
+                    )
             if step % args.log_every == 0 or step == total_steps:
                 dt = time.perf_counter() - acc["t0"]
-                row = {"kind": "train", "step": step, "epoch": stream.epoch, "lr": lr,
-                       "train_bpd": acc["bpd"] / acc["n"] if acc["n"] else None,
-                       "grad_norm": acc["gnorm"] / acc["n"] if acc["n"] else None,
-                       "img_per_s": acc["imgs"] / dt if dt > 0 else None,
-                       "skipped": skipped, "time": time.time()}
+                row = {
+                    "kind": "train",
+                    "step": step,
+                    "epoch": stream.epoch,
+                    "lr": lr,
+                    "train_bpd": acc["bpd"] / acc["n"] if acc["n"] else None,
+                    "grad_norm": acc["gnorm"] / acc["n"] if acc["n"] else None,
+                    "img_per_s": acc["imgs"] / dt if dt > 0 else None,
+                    "skipped": skipped,
+                    "time": time.time(),
+                }
                 write_metrics(row)
                 if bar is not None:
-                    bar.set_postfix(bpd=f"{row['train_bpd']:.3f}" if acc["n"] else "nan",
-                                    lr=f"{lr:.2e}", img_s=f"{row['img_per_s']:.0f}",
-                                    skip=skipped)
+                    bar.set_postfix(
+                        bpd=f"{row['train_bpd']:.3f}" if acc["n"] else "nan",
+                        lr=f"{lr:.2e}",
+                        img_s=f"{row['img_per_s']:.0f}",
+                        skip=skipped,
+                    )
                 acc = {"bpd": 0.0, "n": 0, "gnorm": 0.0, "t0": time.perf_counter(), "imgs": 0}
             if bar is not None:
                 bar.update(1)
             if args.eval_every and step % args.eval_every == 0 and step < total_steps:
                 res = periodic_eval()
                 if bar is not None:
-                    bar.write(f"step {step}: test ELBO {res['elbo_bpd']:.4f} bits/dim (EMA, "
-                              f"{res['n']} images)")
-            if args.ckpt_every and step % args.ckpt_every == 0 and bad_streak == 0 \
-                    and step < total_steps:
+                    bar.write(
+                        f"step {step}: test ELBO {res['elbo_bpd']:.4f} bits/dim (EMA, "
+                        f"{res['n']} images)"
+                    )
+            if (
+                args.ckpt_every
+                and step % args.ckpt_every == 0
+                and bad_streak == 0
+                and step < total_steps
+            ):
                 last_ckpt = checkpoint("periodic") or last_ckpt
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
             bar = None
         path = checkpoint("interrupt", collective=False)
-        _log(f"\ninterrupted at step {step}; checkpoint written to {path}; continue with "
-             f"--resume --out {run_dir}", info)
+        _log(
+            f"\ninterrupted at step {step}; checkpoint written to {path}; continue with "
+            f"--resume --out {run_dir}",
+            info,
+        )
         raise
     finally:
         if bar is not None:
@@ -672,6 +808,9 @@ def _train(args: TrainArgs, build_fn, info: DistInfo) -> TrainResult:
     if args.final_eval:
         final = periodic_eval(final=True)
         if info.main:
-            plot_loss_curve(metrics_path, os.path.join(run_dir, "loss.png"),
-                            title=f"{spec['name']} on {data_name}")
+            plot_loss_curve(
+                metrics_path,
+                os.path.join(run_dir, "loss.png"),
+                title=f"{spec['name']} on {data_name}",
+            )
     return TrainResult(run_dir, step, model, ema, final, skipped, last_ckpt)
