@@ -61,7 +61,7 @@ def _lse_push(m, s, v):
     """Online log-sum-exp: (running max m, sum s of exp(. - m)) <- v, one exp per update."""
     diff = v - m
     d = tl.exp(-tl.abs(diff))
-    d = tl.where(diff == diff, d, 0.0)  # both -inf: nothing to add
+    d = tl.where(v == float("-inf"), 0.0, d)  # exp(-inf) adds nothing; a NaN v propagates
     up = v > m
     s = tl.where(up, s * d + 1.0, s + d)
     return tl.maximum(m, v), s
@@ -72,7 +72,7 @@ def _lse_push_w(m, s, a, v, c):
     """As _lse_push, also carrying a = sum c_k exp(v_k - m) (an exp(v)-weighted sum of c)."""
     diff = v - m
     d = tl.exp(-tl.abs(diff))
-    d = tl.where(diff == diff, d, 0.0)
+    d = tl.where(v == float("-inf"), 0.0, d)
     up = v > m
     s = tl.where(up, s * d + 1.0, s + d)
     a = tl.where(up, a * d + c, a + d * c)
