@@ -36,7 +36,6 @@ inputs and stores no N x K intermediates. Double backward is not supported by th
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 
@@ -66,8 +65,7 @@ BUILD_HINT = "build it with `pip install -e . --no-build-isolation` in the vflow
 # --- backends -----------------------------------------------------------------------------
 
 
-@functools.cache
-def _cpp_module():
+def _import_cpp():
     """The compiled extension, or the ImportError that explains why it is missing."""
     try:
         return importlib.import_module("vflow._C")
@@ -75,8 +73,7 @@ def _cpp_module():
         return err
 
 
-@functools.cache
-def _triton_module():
+def _import_triton():
     try:
         module = importlib.import_module("vflow.kernels")
     except ImportError as err:
@@ -84,6 +81,12 @@ def _triton_module():
     if not hasattr(module, "coupling_fwd"):
         return ImportError("vflow.kernels does not provide the Triton coupling kernels")
     return module
+
+
+# Imported once, here, so that torch.compile traces no import machinery. Triton reads
+# TRITON_INTERPRET when it is imported: set it before importing vflow.ops.
+_CPP = _import_cpp()
+_TRITON = _import_triton()
 
 
 def _triton_interpreted() -> bool:
@@ -94,10 +97,10 @@ def _backend_usable(name: str, device: torch.device) -> bool:
     if name == "reference":
         return True
     if name == "cpp":
-        return device.type == "cpu" and not isinstance(_cpp_module(), ImportError)
+        return device.type == "cpu" and not isinstance(_CPP, ImportError)
     if name == "triton":
         on_device = device.type == "cuda" or (device.type == "cpu" and _triton_interpreted())
-        return on_device and not isinstance(_triton_module(), ImportError)
+        return on_device and not isinstance(_TRITON, ImportError)
     return False
 
 
@@ -131,7 +134,7 @@ def _unusable_reason(backend: str, device: torch.device) -> str:
         if device.type != "cpu":
             return f"backend 'cpp' runs on CPU tensors only, got tensors on {device}"
         return (
-            f"backend 'cpp' needs the compiled extension vflow._C ({_cpp_module()}); {BUILD_HINT}"
+            f"backend 'cpp' needs the compiled extension vflow._C ({_CPP}); {BUILD_HINT}"
         )
     if device.type == "cpu" and not _triton_interpreted():
         return (
@@ -140,14 +143,14 @@ def _unusable_reason(backend: str, device: torch.device) -> str:
         )
     if device.type not in ("cpu", "cuda"):
         return f"backend 'triton' runs on CUDA tensors, got tensors on {device}"
-    return f"backend 'triton' needs the package triton ({_triton_module()})"
+    return f"backend 'triton' needs the package triton ({_TRITON})"
 
 
 def _kernels(backend: str):
     if backend == "cpp":
-        return _cpp_module()
+        return _CPP
     if backend == "triton":
-        return _triton_module()
+        return _TRITON
     return reference
 
 
