@@ -173,13 +173,17 @@ def peak_extra_bytes(fn, device):
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     del out
-    events = [e for e in prof.events() if e.cpu_memory_usage != 0 and e.name == "[memory]"]
-    if not events:
-        events = [e for e in prof.events() if e.cpu_memory_usage != 0]
-    events.sort(key=lambda e: e.time_range.start)
+    # allocations are attributed to the op that made them (self memory, at the op's start),
+    # frees that happen outside any op appear as "[memory]" events
+    deltas = []
+    for e in prof.events():
+        d = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        if d:
+            deltas.append((e.time_range.start, d))
+    deltas.sort(key=lambda td: td[0])
     cur = peak = 0
-    for e in events:
-        cur += e.cpu_memory_usage
+    for _, d in deltas:
+        cur += d
         peak = max(peak, cur)
     return int(peak)
 
