@@ -329,7 +329,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help=f"smoke run: {QUICK['steps']} steps, {QUICK['seeds']} seed, {QUICK['samples']} samples",
+        help=(
+            f"smoke run: {QUICK['steps']} steps, {QUICK['seeds']} seed, {QUICK['samples']} samples"
+        ),
     )
     args = ap.parse_args(argv)
     preset = QUICK if args.quick else FULL

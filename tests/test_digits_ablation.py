@@ -1,0 +1,112 @@
+"""Tests of benchmarks/digits_ablation.py (Table 5's fixed-budget ablation on 8x8 digits)."""
+
+import csv
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "digits_ablation.py"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is faster and immune to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("digits_ablation", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_models_share_one_parameter_budget(script):
+    counts = script.param_counts()
+    assert list(counts) == ["flowpp-1ch", "vflow-2ch", "vflow-3ch", "vflow-4ch"]
+    totals = {name: c["total"] for name, c in counts.items()}
+    lo, hi = min(totals.values()), max(totals.values())
+    assert hi / lo - 1 < 0.02, totals  # all within 2% of each other
+    assert 150_000 < lo and hi < 400_000, totals  # the documented ~260k budget
+    for c in counts.values():
+        assert c["total"] == c["p"] + c["q"] + c["r"]
+
+
+def test_models_are_a_flowpp_and_vflows_with_1_2_3_extra_channels(script):
+    from vflow.models import FlowPlusPlus, VFlow
+
+    expected = {"flowpp-1ch": 0, "vflow-2ch": 1, "vflow-3ch": 2, "vflow-4ch": 3}
+    for name, cz in expected.items():
+        with torch.device("meta"):
+            model = script.build_model(name, backend="reference")
+        assert script.extra_channels(name) == cz
+        assert model.config.extra_channels == cz
+        assert model.config.data_shape == (1, 8, 8) and model.config.n_bins == 17
+        if cz:
+            assert isinstance(model, VFlow)
+            # q(z|x) gets the same architecture in every VFlow; r(u|x) in every model
+            assert model.config.q == script.MODELS["vflow-2ch"][1]["q"]
+        else:
+            assert type(model) is FlowPlusPlus and not isinstance(model, VFlow)
+        assert model.config.r == script.MODELS["flowpp-1ch"][1]["r"]
+        assert model.latent_shape == (4 * (1 + cz), 4, 4)
+
+
+def test_tiny_run_writes_csv_and_plot(script, tmp_path):
+    rows = script.main(
+        ["--steps", "3", "--seeds", "1", "--samples", "2", "--workers", "1", "--out", str(tmp_path)]
+    )
+    counts = script.param_counts()
+    with open(tmp_path / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["name"] for r in table] == list(script.MODELS)
+    assert list(table[0]) == [
+        "name",
+        "extra_channels",
+        "params",
+        "bpd_iw_mean",
+        "bpd_iw_std",
+        "bpd_elbo_mean",
+        "seeds",
+        "steps",
+    ]
+    for r in table:
+        assert int(r["extra_channels"]) == script.extra_channels(r["name"])
+        assert int(r["params"]) == counts[r["name"]]["total"]
+        assert int(r["seeds"]) == 1 and int(r["steps"]) == 3
+        iw, elbo = float(r["bpd_iw_mean"]), float(r["bpd_elbo_mean"])
+        assert math.isfinite(iw) and math.isfinite(elbo)
+        # 17 levels: a model at (or not far from) initialisation is in 1..10 bits/dim,
+        # and the importance-weighted estimate is tighter than the bound up to noise
+        assert 1.0 < iw < 10.0 and 1.0 < elbo < 10.0
+        assert iw < elbo + 0.05
+        assert float(r["bpd_iw_std"]) == 0.0
+    assert len(rows) == len(table)
+    with open(tmp_path / "runs.csv", newline="") as f:
+        runs = list(csv.DictReader(f))
+    assert sorted((r["name"], r["seed"]) for r in runs) == sorted((m, "0") for m in script.MODELS)
+    png = tmp_path / "bpd_bar.png"
+    assert png.stat().st_size > 5_000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_preset_and_bad_arguments(script):
+    a = script.parse_args(["--quick"])
+    assert (a.steps, a.seeds) == (script.QUICK["steps"], 1)
+    a = script.parse_args([])
+    assert (a.steps, a.seeds, a.samples) == (
+        script.FULL["steps"],
+        script.FULL["seeds"],
+        script.FULL["samples"],
+    )
+    with pytest.raises(SystemExit):
+        script.parse_args(["--models", "flowpp-1ch,nope"])
+    with pytest.raises(SystemExit):
+        script.parse_args(["--steps", "0"])
