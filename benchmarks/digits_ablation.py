@@ -45,12 +45,21 @@ would receive strings), so this script passes ``{"ablation": <model name>}`` as 
 override and its own ``build_fn`` to ``vflow.train.train``, which builds the model from
 :data:`MODELS`.
 
-Timing (one process, 1 torch thread, on a busy shared 2-core machine): a training step
-costs ~0.15-0.25 s (batch 64) and the final evaluation with 128 samples ~30-60 s, so one
-run of the default 1,000 steps takes ~3-5 minutes. Full-mode defaults: ``--steps 1000
---seeds 3 --samples 128 --workers 2``: 12 runs, ~25 minutes on two idle cores and about
-45-60 minutes when they are shared (well under 90). ``--quick``: 40 steps, 1 seed, 8
-samples (about 1-2 minutes on a busy machine; the numbers are meaningless).
+Timing (measured with ``--steps 1000 --seeds 1 --samples 128 --workers 2`` on the busy,
+shared 2-core machine this was written on): a training step costs ~0.3-0.45 s wall per
+process (1 torch thread, batch 64; ~0.15 s of CPU time on an idle core) and the final
+evaluation with 128 samples ~1-1.5 minutes, so one run of the default 1,000 steps took
+6-10 minutes (training alone ~2.5-3 minutes on an idle core); the 4 runs took 947 s wall.
+The budget cannot shrink much further: at ~200k parameters the 4-channel model would be
+left with D_H = 8. Full-mode defaults: ``--steps 1000 --seeds 3 --samples 128 --workers
+2``: 12 runs, an estimated ~45-50 minutes on the shared 2-core machine (3 x 947 s; about
+half that on two idle cores). ``--quick``: 40 steps, 1 seed, 8 samples (45-50 s with
+``--workers 1`` on the busy machine; the numbers are meaningless).
+
+Measured (1,000 steps, seed 0, S = 128, test IW / ELBO bpd): flowpp-1ch 1.785 / 1.864,
+vflow-2ch 1.873 / 1.950, vflow-3ch 1.904 / 1.991, vflow-4ch 1.910 / 1.988. In runs this
+short the extra channels do NOT help on digits (unlike the paper's converged CIFAR-10 runs);
+whether that changes with longer training is open.
 """
 
 from __future__ import annotations
