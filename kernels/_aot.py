@@ -10,7 +10,7 @@ TRITON_INTERPRET must be unset: the interpreter replaces the kernels by Python f
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 
@@ -70,14 +70,18 @@ def compile_all(arch: int = 90, dtypes=("fp32", "fp64"), patterns=(0, 1, 2),
 
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    arch = int(argv[0]) if argv else 90
-    quick = "--quick" in argv
-    if quick:  # the variants most likely to break: 1-wide tiles, float64, checkerboard
-        compile_all(arch, dtypes=("fp32",), patterns=(1,), tiles=((1, 256), (256, 1)))
-        compile_all(arch, dtypes=("fp64",), patterns=(2,), tiles=((16, 16),))
+    parser = argparse.ArgumentParser(
+        prog="python -m vflow.kernels._aot",
+        description="Compile every Triton kernel variant for sm_<arch> without a GPU.",
+    )
+    parser.add_argument("arch", nargs="?", type=int, default=90, help="CUDA arch (default 90)")
+    parser.add_argument("--quick", action="store_true", help="only the riskiest variants")
+    args = parser.parse_args(argv)
+    if args.quick:  # the variants most likely to break: 1-wide tiles, float64, checkerboard
+        compile_all(args.arch, dtypes=("fp32",), patterns=(1,), tiles=((1, 256), (256, 1)))
+        compile_all(args.arch, dtypes=("fp64",), patterns=(2,), tiles=((16, 16),))
     else:
-        compile_all(arch)
+        compile_all(args.arch)
 
 
 if __name__ == "__main__":
