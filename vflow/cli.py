@@ -275,6 +275,7 @@ def _eval(a, parser) -> int:
     if not os.path.isdir(a.run):
         parser.error(f"run directory not found: {a.run}")
     info = T.init_distributed(a.device)
+    finished = False
     try:
         device = a.device
         if device.startswith("cuda") and info.enabled:
@@ -313,11 +314,9 @@ def _eval(a, parser) -> int:
             with open(path, "w") as f:
                 json.dump(res, f, indent=2)
             print(f"wrote {path}")
+        finished = True
     finally:
-        if info.initialized_here:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        T.shutdown_distributed(info, finished)
     return 0
 
 

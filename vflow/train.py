@@ -246,6 +246,17 @@ def init_distributed(device: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, initialized_here=True)
 
 
+def shutdown_distributed(info: DistInfo, finished: bool) -> None:
+    """Destroy the process group that ``init_distributed`` created. After a normal finish
+    the ranks first meet at a barrier: a gloo rank whose peer tears down while it is still
+    working (rank 0 writing the last files, say) can abort with std::terminate."""
+    if not (info.initialized_here and dist.is_initialized()):
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def _broadcast_module(model: nn.Module, src: int = 0) -> None:
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
@@ -486,11 +497,13 @@ class TrainResult:
 def train(args: TrainArgs, build_fn: Callable[[dict], nn.Module] = default_build) -> TrainResult:
     """Train (or resume) a run; see the module docstring. Returns the final state."""
     info = init_distributed(args.device)
+    finished = False
     try:
-        return _train(args, build_fn, info)
+        result = _train(args, build_fn, info)
+        finished = True
+        return result
     finally:
-        if info.initialized_here and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed(info, finished)
 
 
 def _train(args: TrainArgs, build_fn, info: DistInfo) -> TrainResult:
