@@ -86,7 +86,9 @@ class _RawFused(torch.autograd.Function):
         import vflow._C as C
 
         x, params = ctx.saved_tensors
-        gx, gp = C.coupling_bwd(x, params, gy.contiguous(), gl.contiguous(), SMOOTH, *ctx.cfg, False)
+        gx, gp = C.coupling_bwd(
+            x, params, gy.contiguous(), gl.contiguous(), SMOOTH, *ctx.cfg, False
+        )
         return gx, gp, None, None
 
 
@@ -106,7 +108,9 @@ def fused_checker(backend):
 
 def fused_inverse(backend):
     if OPS is not None:
-        return lambda y, p: OPS.mixlogistic_coupling_inverse(y, p, smooth=SMOOTH, method="newton", backend=backend)
+        return lambda y, p: OPS.mixlogistic_coupling_inverse(
+            y, p, smooth=SMOOTH, method="newton", backend=backend
+        )
     import vflow._C as C
 
     return lambda y, p: C.coupling_inv(y, p, SMOOTH, 0, 0, 50, True)
@@ -189,7 +193,7 @@ def peak_extra_bytes(fn, device):
 
 
 def max_err(got, ref):
-    return max((g.detach().double() - r).abs().max().item() for g, r in zip(got, ref))
+    return max((g.detach().double() - r).abs().max().item() for g, r in zip(got, ref, strict=True))
 
 
 # --- one case -------------------------------------------------------------------------------
@@ -205,7 +209,9 @@ def make_case(shape, device, dtype, full_image=False, seed=0):
     p[:, 2 + 2 * k :].uniform_(-1.0, 1.0)  # trained-flow-like scales, invertible in float32
     gy = torch.randn(b, c, h, width, generator=g, dtype=torch.float64)
     gl = torch.randn(b, generator=g, dtype=torch.float64)
-    return [t.to(device) for t in (x, p, gy, gl)], [t.to(device=device, dtype=dtype) for t in (x, p, gy, gl)]
+    return [t.to(device) for t in (x, p, gy, gl)], [
+        t.to(device=device, dtype=dtype) for t in (x, p, gy, gl)
+    ]
 
 
 def loss_grads(fn, x, p, gy, gl):
@@ -256,7 +262,9 @@ def bench_mode(mode, shape, providers, device, dtype, min_run_time):
     for r in rows:
         r["speedup_vs_eager"] = base["eager"] / r["ms"] if "eager" in base else None
         r["speedup_vs_compile"] = base["compile"] / r["ms"] if "compile" in base else None
-        r["extra_over_input"] = r["peak_extra_bytes"] / input_bytes if r["peak_extra_bytes"] is not None else None
+        r["extra_over_input"] = (
+            r["peak_extra_bytes"] / input_bytes if r["peak_extra_bytes"] is not None else None
+        )
     return dict(mode=mode, floor_ms=floor, input_bytes=input_bytes, rows=rows)
 
 
@@ -275,10 +283,15 @@ def providers_for(mode, device, use_compile):
         if use_compile:
             prov["compile"] = torch.compile(eager_checker, dynamic=False)
     elif mode == "inverse":
-        prov["eager"] = eager_inverse  # 60-step bisection; compiling 60 unrolled steps is impractical
-    fused = {"forward": fused_forward, "fwdbwd": fused_forward, "checkerboard": fused_checker, "inverse": fused_inverse}[
-        mode
-    ]
+        prov["eager"] = (
+            eager_inverse  # 60-step bisection; compiling 60 unrolled steps is impractical
+        )
+    fused = {
+        "forward": fused_forward,
+        "fwdbwd": fused_forward,
+        "checkerboard": fused_checker,
+        "inverse": fused_inverse,
+    }[mode]
     if _cpp_available(device):
         prov["cpp"] = fused("cpp")
     if _triton_available(device):
@@ -287,7 +300,9 @@ def providers_for(mode, device, use_compile):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="small shapes, short timing (< 1 minute)")
     ap.add_argument("--json", default="results/coupling.json", help="where to write the results")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
@@ -309,7 +324,9 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.shapes:
-        shapes = {k: v for k, v in {**SHAPES, **QUICK_SHAPES}.items() if k in args.shapes.split(",")}
+        shapes = {
+            k: v for k, v in {**SHAPES, **QUICK_SHAPES}.items() if k in args.shapes.split(",")
+        }
     modes = args.modes.split(",")
     min_run_time = 0.1 if args.quick else 1.0
     use_compile = not args.no_compile
@@ -328,16 +345,28 @@ def main(argv=None):
         ),
         cases=[],
     )
-    print(f"# device={device} dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}"
-          f" kernels={results['meta']['isa']}")
-    hdr = f"{'shape':<11}{'mode':<13}{'provider':<9}{'ms':>10}{'x eager':>9}{'x compile':>10}{'max err':>10}{'extra/in':>9}{'floor ms':>9}"
+    print(
+        f"# device={device} dtype={args.dtype} threads={torch.get_num_threads()}"
+        f" torch={torch.__version__} kernels={results['meta']['isa']}"
+    )
+    hdr = (
+        f"{'shape':<11}{'mode':<13}{'provider':<9}{'ms':>10}{'x eager':>9}{'x compile':>10}"
+        f"{'max err':>10}{'extra/in':>9}{'floor ms':>9}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for sname, shape in shapes.items():
         for mode in modes:
             t0 = time.perf_counter()
-            case = bench_mode(mode, shape, providers_for(mode, device, use_compile), device, dtype, min_run_time)
-            case.update(shape=sname, dims=list(shape[:5]), description=shape[5], seconds=time.perf_counter() - t0)
+            case = bench_mode(
+                mode, shape, providers_for(mode, device, use_compile), device, dtype, min_run_time
+            )
+            case.update(
+                shape=sname,
+                dims=list(shape[:5]),
+                description=shape[5],
+                seconds=time.perf_counter() - t0,
+            )
             results["cases"].append(case)
             for r in case["rows"]:
                 se = f"{r['speedup_vs_eager']:.2f}" if r["speedup_vs_eager"] else "-"

@@ -51,7 +51,9 @@ def all_outputs(x, p, go, gl, smooth, pattern, parity, impl):
 
 def assert_close64(got, ref, rtol=1e-10, atol=1e-10):
     for name in ref:
-        torch.testing.assert_close(got[name], ref[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            got[name], ref[name], rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def assert_no_worse_than_eager(fused, eager, ref, rel_atol=1e-5):
@@ -82,7 +84,9 @@ def test_forward_backward_float64(pattern, parity, smooth, K):
     # reach: round-off of both implementations is amplified there (see the tight check on
     # non-saturated inputs in test_inverse_gradient_matches_reference)
     inverse_keys = ("grad_in1", "grad_params1")
-    assert_close64({k: got[k] for k in inverse_keys}, {k: ref[k] for k in inverse_keys}, rtol=1e-6, atol=1e-8)
+    assert_close64(
+        {k: got[k] for k in inverse_keys}, {k: ref[k] for k in inverse_keys}, rtol=1e-6, atol=1e-8
+    )
 
 
 @pytest.mark.parametrize("pattern,parity", [(0, 0), (1, 1), (2, 0)])
@@ -115,7 +119,9 @@ def test_inverse_reconstructs(dtype, tol, pattern, parity, smooth, newton, K):
     # logdet of the inverse = -(forward logdet at the returned x)
     _, ld_at = C.coupling_fwd(x_hat, p, smooth, pattern, parity)
     torch.testing.assert_close(ld_inv, -ld_at, rtol=0, atol=0)
-    torch.testing.assert_close(ld_inv, -ld, rtol=1e-4 if dtype == torch.float32 else 1e-9, atol=1e-3)
+    torch.testing.assert_close(
+        ld_inv, -ld, rtol=1e-4 if dtype == torch.float32 else 1e-9, atol=1e-3
+    )
     if pattern != R.PLAIN:  # passive positions pass through
         _, passive_y = R.split(y, pattern, parity)
         _, passive_x = R.split(x_hat, pattern, parity)
@@ -152,7 +158,7 @@ def test_inverse_gradient_matches_reference(pattern, parity, smooth, K):
     gl = torch.randn(x.shape[0], dtype=x.dtype)
     got = C.coupling_bwd(x_hat, p, go, gl, smooth, pattern, parity, True)
     ref = R.coupling_bwd(x_hat, p, go, gl, smooth, pattern, parity, True)
-    for g, r in zip(got, ref):
+    for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
@@ -293,6 +299,8 @@ def test_isa_fallbacks_agree(isa):
         "print(C._isa())\n"
     )
     env = dict(os.environ, VFLOW_CPU_ISA=isa)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() in (isa, "generic")
