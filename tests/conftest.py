@@ -42,3 +42,13 @@ def _seeded():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         yield
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: tiny models and matrices run faster that way, and a
+    busy machine does not stall them at OpenMP barriers."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,13 +14,7 @@ from vflow import toy
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_checkerboard.py"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is much faster (and immune to a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_script():
