@@ -259,3 +259,19 @@ def test_coupling_net_starts_small():
     net = nets.CouplingNet(2, 2 * 8, filters=8, blocks=2, spatial=(4, 2), attention=True)
     out = net(torch.randn(3, 2, 4, 2))
     assert out.abs().mean() < 0.5
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_gated_attention_matches_its_formula(memory_format):
+    """out = x + a * sigmoid(g), (a, g) = proj2(concat_heads(softmax(q k^T / sqrt(d)) v)),
+    (q, k, v) = heads of proj1(x + pos_emb): written out with einsum in float64."""
+    b, f, h, w, heads = 3, 8, 3, 5, 4
+    att = _perturb(nets.GatedAttention(f, heads)).double()
+    x = torch.randn(b, f, h, w, dtype=torch.float64).to(memory_format=memory_format)
+    pos = torch.randn(f, h, w, dtype=torch.float64)
+    qkv = att.proj1(x + pos).reshape(b, 3, heads, f // heads, h * w)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (B, heads, d, T)
+    weights = torch.softmax(torch.einsum("bndt,bnds->bnts", q, k) / (f // heads) ** 0.5, -1)
+    heads_out = torch.einsum("bnts,bnds->bndt", weights, v).reshape(b, f, h, w)
+    a, g = att.proj2(heads_out).chunk(2, dim=1)
+    torch.testing.assert_close(att(x, pos), x + a * torch.sigmoid(g), atol=1e-12, rtol=1e-12)

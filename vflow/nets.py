@@ -115,7 +115,9 @@ class GatedAttention(nn.Module):
     def forward(self, x: Tensor, pos_emb: Tensor) -> Tensor:
         b, c, h, w = x.shape
         qkv = self.proj1(x + pos_emb).reshape(b, 3, self.heads, c // self.heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, T, d)
+        # (3, B, heads, T, d) with d innermost: SDPA's fused (flash) kernels need a unit
+        # last-dim stride, otherwise it falls back to the unfused math path.
+        q, k, v = qkv.permute(1, 0, 2, 4, 3).contiguous().unbind(0)
         att = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, d)
         att = att.transpose(-1, -2).reshape(b, c, h, w)
         a, g = self.proj2(self.dropout(att)).chunk(2, dim=1)
