@@ -7,10 +7,14 @@ For each config (default: vflow-digits and vflow-cifar10) and each variant, in o
 * ``fused+compile``    ... and torch.compile of every conditioning / context network
 * ``fused+chlast``     ... and channels_last weights / activations
 * ``fused+bf16``       ... and bf16 autocast of the networks (couplings and logdets stay fp32)
+* ``fused+chlast+compile-elbo``  channels_last and torch.compile of the whole ELBO (networks,
+                       couplings and logdets in one graph; what ``vflow train --compile
+                       --channels-last`` does)
 
 Every (config, variant) runs in its own subprocess so that peak memory (max RSS on CPU,
 max allocated on CUDA) is per variant and compile caches do not leak between variants.
-Prints a table and writes JSON to results/model_step.json.
+Prints a table and writes JSON to results/model_step.json. ``--profile`` adds, per variant,
+where the step's CPU time goes (convolutions, attention, coupling ops, the rest).
 
     python benchmarks/model_step.py            # full
     python benchmarks/model_step.py --quick    # fewer repeats, smaller sample batch
@@ -29,7 +33,24 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = ["reference", "fused", "fused+compile", "fused+chlast", "fused+bf16"]
+VARIANTS = [
+    "reference",
+    "fused",
+    "fused+compile",
+    "fused+chlast",
+    "fused+bf16",
+    "fused+chlast+compile-elbo",
+]
+COMPILED = ("fused+compile", "fused+chlast+compile-elbo")
+# Lower-case profiler event-name fragments -> category of the step's time (first match wins).
+CATEGORIES = (
+    ("convolution", "convolutions"),
+    ("scaled_dot_product", "attention"),
+    ("softmax", "attention"),
+    ("bmm", "attention"),
+    ("vflow", "coupling ops"),
+    ("compiledfxgraph", "compiled elementwise"),
+)
 BATCH = {"vflow-digits": 64, "flowpp-digits": 64}
 DEFAULT_BATCH = 8
 
@@ -99,14 +120,15 @@ def worker(args) -> dict:
     batch = args.batch or BATCH.get(args.config, DEFAULT_BATCH)
     x = torch.randint(0, model.config.n_bins, (batch, c, h, w), device=device)
     model.initialize(x)
-    if variant == "fused+chlast":
+    if "chlast" in variant:
         model = model.to(memory_format=torch.channels_last)
     _wrap_nets(model, variant)
     model.train()
+    bpd = torch.compile(model.bpd) if variant.endswith("compile-elbo") else model.bpd
 
     def step():
         model.zero_grad(set_to_none=True)
-        loss = model.bpd(x).mean()
+        loss = bpd(x).mean()
         loss.backward()
         return loss
 
@@ -115,6 +137,7 @@ def worker(args) -> dict:
     warmup_s = time.perf_counter() - t0
     step()
     step_times = _time(step, args.repeats, device)
+    breakdown = _breakdown(step) if args.profile else None
 
     model.eval()
     n_sample = args.sample_n or (batch if args.config.endswith("digits") else 2)
@@ -139,7 +162,23 @@ def worker(args) -> dict:
         sample_n=n_sample,
         sample_ms=1e3 * statistics.median(sample_times),
         peak_mb=peak,
+        breakdown=breakdown,
     )
+
+
+def _breakdown(step, repeats: int = 3) -> dict:
+    """Share of the step's self CPU time per category of ``CATEGORIES`` (rest: "other")."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(repeats):
+            step()
+    shares: dict[str, float] = {}
+    for event in prof.key_averages():
+        name = next((cat for frag, cat in CATEGORIES if frag in event.key.lower()), "other")
+        shares[name] = shares.get(name, 0.0) + event.self_cpu_time_total
+    total = sum(shares.values()) or 1.0
+    return {k: v / total for k, v in sorted(shares.items(), key=lambda kv: -kv[1])}
 
 
 def main() -> None:
@@ -159,6 +198,9 @@ def main() -> None:
         action="store_true",
         help="also torch.compile the large configs (minutes of compilation each)",
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="also report where each step's time goes"
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
     parser.add_argument("--out", default="results/model_step.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -175,11 +217,7 @@ def main() -> None:
     rows = []
     for config in args.configs:
         for variant in args.variants:
-            if (
-                variant == "fused+compile"
-                and not config.endswith("digits")
-                and not args.compile_all
-            ):
+            if variant in COMPILED and not config.endswith("digits") and not args.compile_all:
                 rows.append(
                     dict(
                         config=config,
@@ -207,6 +245,8 @@ def main() -> None:
                 cmd += ["--batch", str(args.batch)]
             if args.sample_n:
                 cmd += ["--sample-n", str(args.sample_n)]
+            if args.profile:
+                cmd.append("--profile")
             print(f"... {config} / {variant}", file=sys.stderr, flush=True)
             try:
                 proc = subprocess.run(
@@ -225,7 +265,7 @@ def main() -> None:
             rows.append({"config": config, "variant": variant, **row})
 
     header = (
-        f"{'config':<16} {'variant':<15} {'step ms':>10} {'vs ref':>7} "
+        f"{'config':<16} {'variant':<26} {'step ms':>10} {'vs ref':>7} "
         f"{'sample ms':>11} {'peak MB':>9}  note"
     )
     print(header)
@@ -245,13 +285,15 @@ def main() -> None:
             note = (
                 f"batch {row['batch']}, sample n={row['sample_n']}, warm-up {row['warmup_s']:.1f}s"
             )
+            if row.get("breakdown"):
+                note += "; " + ", ".join(f"{k} {v:.0%}" for k, v in row["breakdown"].items())
             print(
-                f"{row['config']:<16} {row['variant']:<15} {row['step_ms']:>10.1f} {speed:>7} "
+                f"{row['config']:<16} {row['variant']:<26} {row['step_ms']:>10.1f} {speed:>7} "
                 f"{row['sample_ms']:>11.1f} {row['peak_mb']:>9.0f}  {note}"
             )
         else:
             print(
-                f"{row['config']:<16} {row['variant']:<15} {'-':>10} {'-':>7} {'-':>11} {'-':>9}  "
+                f"{row['config']:<16} {row['variant']:<26} {'-':>10} {'-':>7} {'-':>11} {'-':>9}  "
                 f"{row.get('skipped') or row.get('error')}"
             )
     out = Path(args.out)

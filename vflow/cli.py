@@ -158,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="torch CPU threads (default: 1 for digits, else torch's default)",
     )
+    t.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="channels_last memory format (faster convolutions on CPU; same likelihood)",
+    )
+    t.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training objective (the first step compiles for minutes)",
+    )
     t.add_argument("--no-progress", dest="progress", action="store_false")
 
     e = sub.add_parser("eval", help="importance-weighted test bits/dim (Eq. 5) with EMA weights")
@@ -241,6 +251,8 @@ def _train(a, parser) -> int:
         max_bad_steps=a.max_bad_steps,
         progress=a.progress,
         num_threads=a.threads,
+        channels_last=a.channels_last,
+        compile=a.compile,
     )
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if main_rank:

@@ -450,6 +450,8 @@ class TrainArgs:
     max_bad_steps: int = 20
     progress: bool = True
     num_threads: int | None = None
+    channels_last: bool = False  # channels_last weights and activations (faster CPU convs)
+    compile: bool = False  # torch.compile the training objective (networks + couplings)
 
     def recipe(self) -> dict:
         return get_recipe(
@@ -564,6 +566,8 @@ def _train(args: TrainArgs, build_fn, info: DistInfo) -> TrainResult:
 
     torch.manual_seed(seed)  # identical construction on every rank
     model = build_fn(spec).to(device)
+    if args.channels_last:  # before the optimizer and EMA see the parameters
+        model.to(memory_format=torch.channels_last)
     shape, n_bins = model_cfg(model, "data_shape"), model_cfg(model, "n_bins")
     if shape is not None and tuple(shape) != tuple(train_data.shape):
         raise ValueError(
@@ -634,6 +638,8 @@ def _train(args: TrainArgs, build_fn, info: DistInfo) -> TrainResult:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        objective = torch.compile(objective)  # compiles on the first step (minutes on a CPU)
     params = [p for p in model.parameters() if p.requires_grad]
     grad_clip = recipe.get("grad_clip") or 0.0
 
