@@ -65,21 +65,20 @@ whether that changes with longer training is open.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _common import mean_std, run_parallel, write_csv  # noqa: E402
 
 from vflow.models import (  # noqa: E402
     SQUEEZE,
@@ -213,19 +212,6 @@ def run_one(name: str, seed: int, steps: int, samples: int, out: str) -> dict:
     }
 
 
-def run_all(jobs: list[dict], workers: int) -> list[dict]:
-    from tqdm import tqdm
-
-    if workers <= 1:
-        return [run_one(**j) for j in tqdm(jobs, desc="runs", dynamic_ncols=True)]
-    runs = []
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_one, **j) for j in jobs]
-        for f in tqdm(as_completed(futures), total=len(futures), desc="runs", dynamic_ncols=True):
-            runs.append(f.result())
-    return runs
-
-
 def summarise(runs: list[dict]) -> list[dict]:
     """One row per model (in :data:`MODELS` order)."""
     rows = []
@@ -233,28 +219,21 @@ def summarise(runs: list[dict]) -> list[dict]:
         sel = [r for r in runs if r["name"] == name]
         if not sel:
             continue
-        iw = np.array([r["bpd_iw"] for r in sel], dtype=float)
-        elbo = np.array([r["bpd_elbo"] for r in sel], dtype=float)
+        iw_mean, iw_std = mean_std(r["bpd_iw"] for r in sel)
+        elbo_mean, _ = mean_std(r["bpd_elbo"] for r in sel)
         rows.append(
             {
                 "name": name,
                 "extra_channels": sel[0]["extra_channels"],
                 "params": sel[0]["params"],
-                "bpd_iw_mean": float(iw.mean()),
-                "bpd_iw_std": float(iw.std(ddof=1)) if len(iw) > 1 else 0.0,
-                "bpd_elbo_mean": float(elbo.mean()),
+                "bpd_iw_mean": iw_mean,
+                "bpd_iw_std": iw_std,
+                "bpd_elbo_mean": elbo_mean,
                 "seeds": len(sel),
                 "steps": sel[0]["steps"],
             }
         )
     return rows
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
 
 
 def plot_bars(rows: list[dict], path: Path, samples: int) -> None:
@@ -367,7 +346,7 @@ def main(argv=None) -> list[dict]:
         for m in args.models
     ]
     t0 = time.perf_counter()
-    runs = run_all(jobs, args.workers)
+    runs = run_parallel(run_one, jobs, args.workers)
     runs.sort(key=lambda r: (list(MODELS).index(r["name"]), r["seed"]))
     for r in runs:
         if not (math.isfinite(r["bpd_iw"]) and math.isfinite(r["bpd_elbo"])):

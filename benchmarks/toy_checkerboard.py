@@ -43,18 +43,18 @@ the 20-step Glow).
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import mean_std, run_parallel, write_csv  # noqa: E402
 
 from vflow.toy import checkerboard_density, train_and_evaluate  # noqa: E402
 
@@ -93,44 +93,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_all(jobs: list[dict], workers: int) -> list[dict]:
     """Run ``train_and_evaluate(**job)`` for every job, longest first, in ``workers``
     processes (each with one torch thread); in this process when ``workers == 1``."""
-    from tqdm import tqdm
-
     jobs = sorted(jobs, key=lambda j: -(j["steps"] + (j["dim"] > 2)))
-    if workers <= 1:
-        return [train_and_evaluate(**j) for j in tqdm(jobs, desc="runs")]
-    results = []
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(train_and_evaluate, **j) for j in jobs]
-        for f in tqdm(as_completed(futures), total=len(futures), desc="runs"):
-            results.append(f.result())
-    return results
+    return run_parallel(train_and_evaluate, jobs, workers)
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    """One row per (D, L): params, mean and (population) std of the test log-likelihood."""
+    """One row per (D, L): params, mean and sample std over seeds of the test log-likelihood."""
     rows = []
     for key in sorted({(r["dims"], r["steps"]) for r in runs}):
         sel = [r for r in runs if (r["dims"], r["steps"]) == key]
-        ll = np.array([r["test_ll"] for r in sel])
+        ll_mean, ll_std = mean_std(r["test_ll"] for r in sel)
         rows.append(
             {
                 "dims": key[0],
                 "steps": key[1],
                 "params": sel[0]["params"],
-                "ll_mean": float(ll.mean()),
-                "ll_std": float(ll.std()),
+                "ll_mean": ll_mean,
+                "ll_std": ll_std,
                 "iters": sel[0]["iters"],
                 "seeds": len(sel),
             }
         )
     return rows
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
 
 
 def plot_ll_vs_params(rows: list[dict], path: Path) -> None:

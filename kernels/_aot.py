@@ -14,8 +14,13 @@ import argparse
 import time
 
 
-def compile_all(arch: int = 90, dtypes=("fp32", "fp64"), patterns=(0, 1, 2),
-                tiles=((1, 256), (256, 1), (16, 16)), verbose: bool = True) -> list[str]:
+def compile_all(
+    arch: int = 90,
+    dtypes=("fp32", "fp64"),
+    patterns=(0, 1, 2),
+    tiles=((1, 256), (256, 1), (16, 16)),
+    verbose: bool = True,
+) -> list[str]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -27,8 +32,18 @@ def compile_all(arch: int = 90, dtypes=("fp32", "fp64"), patterns=(0, 1, 2),
     ):
         raise RuntimeError("unset TRITON_INTERPRET to compile the kernels ahead of time")
     target = GPUTarget("cuda", arch, 32)
-    scalars = dict(B="i32", N="i32", K="i32", H="i32", W="i32", parity="i32", stride_xb="i64",
-                   stride_pb="i64", NUM_NB="i32", max_iters="i32")
+    scalars = dict(
+        B="i32",
+        N="i32",
+        K="i32",
+        H="i32",
+        W="i32",
+        parity="i32",
+        stride_xb="i64",
+        stride_pb="i64",
+        NUM_NB="i32",
+        max_iters="i32",
+    )
     done = []
 
     def build(fn, ptr_names, ptr_type, constexprs, name):
@@ -40,8 +55,9 @@ def compile_all(arch: int = 90, dtypes=("fp32", "fp64"), patterns=(0, 1, 2),
                 signature[arg] = ptr_type
             else:
                 signature[arg] = scalars[arg]
-        src = ASTSource(fn, signature,
-                        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+        src = ASTSource(
+            fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+        )
         start = time.perf_counter()
         kernel = triton.compile(src, target=target, options={"num_warps": c.NUM_WARPS})
         assert kernel.asm.get("cubin"), name
@@ -57,15 +73,25 @@ def compile_all(arch: int = 90, dtypes=("fp32", "fp64"), patterns=(0, 1, 2),
             for block_b, block_n in tiles:
                 cfg = dict(SMOOTH=True, PATTERN=pattern, BLOCK_B=block_b, BLOCK_N=block_n)
                 tag = f"{dt} pattern={pattern} tile={block_b}x{block_n}"
-                build(c._fwd_kernel, {"x_ptr", "p_ptr", "y_ptr", "part_ptr"}, ptr, cfg,
-                      f"fwd {tag}")
+                build(
+                    c._fwd_kernel, {"x_ptr", "p_ptr", "y_ptr", "part_ptr"}, ptr, cfg, f"fwd {tag}"
+                )
                 for inverse in (False, True):
-                    build(c._bwd_kernel,
-                          {"x_ptr", "p_ptr", "go_ptr", "gl_ptr", "gi_ptr", "gp_ptr"}, ptr,
-                          dict(cfg, INVERSE=inverse), f"bwd inverse={inverse} {tag}")
+                    build(
+                        c._bwd_kernel,
+                        {"x_ptr", "p_ptr", "go_ptr", "gl_ptr", "gi_ptr", "gp_ptr"},
+                        ptr,
+                        dict(cfg, INVERSE=inverse),
+                        f"bwd inverse={inverse} {tag}",
+                    )
                 for newton in (False, True):
-                    build(c._inv_kernel, {"y_ptr", "p_ptr", "x_ptr", "part_ptr"}, ptr,
-                          dict(cfg, NEWTON=newton, TINY=tiny), f"inv newton={newton} {tag}")
+                    build(
+                        c._inv_kernel,
+                        {"y_ptr", "p_ptr", "x_ptr", "part_ptr"},
+                        ptr,
+                        dict(cfg, NEWTON=newton, TINY=tiny),
+                        f"inv newton={newton} {tag}",
+                    )
     return done
 
 

@@ -151,3 +151,24 @@ def test_quick_run_writes_outputs(tmp_path, workers):
         img = mpimg.imread(tmp_path / f"{name}.png")
         assert img.ndim == 3 and img.shape[0] >= 24 and img.std() > 0, name
     assert not (tmp_path / "density_D2_L20.png").exists()  # not in this grid
+
+
+def test_summary_uses_the_sample_std_over_seeds():
+    script = load_script()
+    runs = [
+        {"dims": 2, "steps": 3, "params": 10, "iters": 5, "test_ll": v} for v in (-3.0, -4.0)
+    ] + [{"dims": 4, "steps": 3, "params": 20, "iters": 5, "test_ll": -3.5}]
+    rows = script.summarise(runs)
+    assert [(r["dims"], r["ll_mean"], r["seeds"]) for r in rows] == [(2, -3.5, 2), (4, -3.5, 1)]
+    assert rows[0]["ll_std"] == pytest.approx(math.sqrt(0.5))  # ddof=1, not 0.5
+    assert rows[1]["ll_std"] == 0.0
+
+
+def test_run_parallel_runs_every_job_in_worker_processes():
+    load_script()  # puts benchmarks/ on sys.path
+    from _common import run_parallel
+
+    jobs = [{"x": 4.0}, {"x": 9.0}, {"x": 16.0}]
+    for workers in (1, 2):
+        results = run_parallel(dict, jobs, workers)  # dict(**job): a copy of each job
+        assert sorted(r["x"] for r in results) == [4.0, 9.0, 16.0]

@@ -272,8 +272,9 @@ def test_extreme_parameters_finite(device):
         # The inverse's VJP divides by dy/dx, which can be 1e-70 here: require finite values
         # only at the positions where the float64 reference fits comfortably in float32.
         gi, gp = vk.coupling_bwd(x, params, ones, ones_b, smooth, PLAIN, 0, True)
-        gi64, gp64 = R.coupling_bwd(x.double(), params.double(), ones.double(), ones_b.double(),
-                                    smooth, PLAIN, 0, True)
+        gi64, gp64 = R.coupling_bwd(
+            x.double(), params.double(), ones.double(), ones_b.double(), smooth, PLAIN, 0, True
+        )
         ok = (gi64.abs() < 1e30) & (gp64.abs() < 1e30).all(dim=1)
         assert ok.float().mean() > 0.5
         assert torch.isfinite(gi[ok]).all() and torch.isfinite(gp.transpose(0, 1)[:, ok]).all()
@@ -364,7 +365,10 @@ def test_kernels_compile_for_sm90_without_gpu():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run(
         [sys.executable, "-m", "vflow.kernels._aot", "90", "--quick"],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count(": ok") == 15, proc.stdout

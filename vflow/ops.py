@@ -133,9 +133,7 @@ def _unusable_reason(backend: str, device: torch.device) -> str:
     if backend == "cpp":
         if device.type != "cpu":
             return f"backend 'cpp' runs on CPU tensors only, got tensors on {device}"
-        return (
-            f"backend 'cpp' needs the compiled extension vflow._C ({_CPP}); {BUILD_HINT}"
-        )
+        return f"backend 'cpp' needs the compiled extension vflow._C ({_CPP}); {BUILD_HINT}"
     if device.type == "cpu" and not _triton_interpreted():
         return (
             "backend 'triton' needs CUDA tensors "

@@ -1,0 +1,41 @@
+"""Helpers shared by the paper-study scripts (``toy_checkerboard.py``, ``digits_ablation.py``)."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+
+def run_parallel(fn: Callable[..., dict], jobs: list[dict], workers: int) -> list[dict]:
+    """``[fn(**job) for job in jobs]`` with a progress bar, in ``workers`` spawned processes
+    (results in completion order), or in this process when ``workers <= 1``. ``fn`` must be
+    importable by name from the worker processes (a module-level function)."""
+    from tqdm import tqdm
+
+    if workers <= 1:
+        return [fn(**job) for job in tqdm(jobs, desc="runs", dynamic_ncols=True)]
+    results = []
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(fn, **job) for job in jobs]
+        for f in tqdm(as_completed(futures), total=len(futures), desc="runs", dynamic_ncols=True):
+            results.append(f.result())
+    return results
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value) over seeds."""
+    v = np.asarray(list(values), dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """One CSV row per dict; the columns are the keys of the first row."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
