@@ -1,0 +1,36 @@
+"""Smoke test of benchmarks/model_step.py: a tiny run writes a complete JSON table.
+
+(Speed is measured by the benchmark itself, never asserted here.)"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vflow import ops
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "model_step.py"
+
+
+@pytest.mark.skipif("cpp" not in ops.available_backends("cpu"), reason="needs vflow._C")
+def test_model_step_quick_run_writes_rows_with_breakdown(tmp_path):
+    out = tmp_path / "model_step.json"
+    cmd = [sys.executable, str(SCRIPT), "--configs", "vflow-digits", "--batch", "8"]
+    cmd += ["--variants", "reference", "fused", "--repeats", "1", "--sample-repeats", "1"]
+    cmd += ["--sample-n", "2", "--profile", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["backend"]) for r in rows] == [
+        ("reference", "reference"),
+        ("fused", "cpp"),
+    ]
+    for r in rows:
+        assert r["step_ms"] > 0 and r["sample_ms"] > 0 and r["batch"] == 8
+        assert sum(r["breakdown"].values()) == pytest.approx(1.0)
+        assert r["breakdown"]["convolutions"] > 0
+    assert "coupling ops" in rows[1]["breakdown"] and "coupling ops" not in rows[0]["breakdown"]
+    assert rows[1]["speedup_vs_reference"] == pytest.approx(rows[0]["step_ms"] / rows[1]["step_ms"])
+    assert "vflow-digits" in proc.stdout and "fused" in proc.stdout
