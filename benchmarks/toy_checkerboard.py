@@ -148,13 +148,12 @@ def plot_densities(panels: list[tuple[str, np.ndarray, str]], out: Path) -> None
     import matplotlib.pyplot as plt
 
     ext = (-4, 4, -4, 4)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4), layout="constrained")
     for ax, (title, img, _) in zip(np.atleast_1d(axes), panels, strict=True):
         ax.imshow(img, origin="lower", extent=ext, cmap="viridis")
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
     fig.savefig(out / "density.png", dpi=120)
     plt.close(fig)
     for _, img, fname in panels:
@@ -197,12 +196,12 @@ def main(argv=None) -> list[dict]:
     write_csv(args.out / "runs.csv", [{k: v for k, v in r.items() if k != "density"} for r in runs])
     plot_ll_vs_params(rows, args.out / "ll_vs_params.png")
 
-    panels = [(f"data\n({OPTIMUM:.3f})", true_density(args.density_px), "density_data.png")]
+    panels = [(f"data ({OPTIMUM:.3f})", true_density(args.density_px), "density_data.png")]
     seed0 = {(r["dims"], r["steps"]): r for r in runs if "density" in r}
     for d, l, name in DENSITY_MODELS:  # the seed-0 models, titled with their test ll
         if (d, l) in seed0:
             r = seed0[(d, l)]
-            panels.append((f"{name}\n({r['test_ll']:.3f})", r["density"], f"density_D{d}_L{l}.png"))
+            panels.append((f"{name} ({r['test_ll']:.3f})", r["density"], f"density_D{d}_L{l}.png"))
     plot_densities(panels, args.out)
 
     cpu = sum(r["train_cpu_s"] for r in runs)
