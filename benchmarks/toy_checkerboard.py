@@ -28,8 +28,9 @@ VFlow; one (D=10, L=20) run takes 18.7 s per 1,000 iterations plus 2.3 s of eval
 a (D=10, L=3) run 3.3 s, a (D=2, L=3) run 2.9 s. One seed of the whole 35-point grid costs
 about 306 core-seconds per 1,000 iterations. The paper's budget (100,000 iterations x 5
 seeds) would take about 21 hours on 2 cores, so the default full mode is
-``--iters 15000 --seeds 2``: about 9,300 core-seconds, i.e. about 77 minutes with
-``--workers 2`` on two otherwise idle cores (longer when they are shared). Iterations are
+``--iters 15000 --seeds 2``: estimated at 9,300 core-seconds; the measured full run took
+6,858 CPU-seconds of training and 68 minutes of wall time with ``--workers 2`` on the
+development machine's 2 cores (longer when they are shared). Iterations are
 favoured over seeds because VFlow overtakes Glow only after ~10,000 iterations: one seed of
 the 3-step models gave Glow / 10-dim VFlow -3.96 / -4.03 at 4,000 iterations, -3.96 / -3.91
 at 8,000, -3.94 / -3.83 at 12,000 and -3.91 / -3.75 at 20,000 (Glow plateaus, VFlow keeps
