@@ -1,4 +1,5 @@
-// vflow._C: fused CPU kernels of the mixture-of-logistics coupling.
+// vflow._C: fused CPU kernels of the mixture-of-logistics coupling and of small-head
+// softmax attention (attention_kernels.h).
 //
 // Contract (see vflow/reference.py): coupling_fwd, coupling_bwd, coupling_inv on CPU,
 // contiguous float32/float64 tensors. Work is split into tasks (sample b, chunk of CHUNK
@@ -16,11 +17,13 @@
 
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
 
+#include "attention_kernels.h"
 #include "coupling_kernels.h"
 
 namespace vk = vflow_kernels;
@@ -28,9 +31,11 @@ namespace vk = vflow_kernels;
 namespace {
 
 typedef void (*TaskFn)(const vk::KArgs&, int64_t, void*);
+typedef void (*AttnFn)(const vk::AArgs&, int64_t);
 
 struct KernelSet {
   TaskFn fwd_f, fwd_d, bwd_f, bwd_d, inv_f, inv_d;
+  AttnFn afwd_f, afwd_d, abwd_f, abwd_d;
   const char* name;
 };
 
@@ -40,7 +45,11 @@ struct KernelSet {
   ATTR void bwd_f_##SUFFIX(const vk::KArgs& a, int64_t t, void* b) { vk::bwd_task<float>(a, t, b); }   \
   ATTR void bwd_d_##SUFFIX(const vk::KArgs& a, int64_t t, void* b) { vk::bwd_task<double>(a, t, b); }  \
   ATTR void inv_f_##SUFFIX(const vk::KArgs& a, int64_t t, void* b) { vk::inv_task<float>(a, t, b); }   \
-  ATTR void inv_d_##SUFFIX(const vk::KArgs& a, int64_t t, void* b) { vk::inv_task<double>(a, t, b); }
+  ATTR void inv_d_##SUFFIX(const vk::KArgs& a, int64_t t, void* b) { vk::inv_task<double>(a, t, b); }  \
+  ATTR void afwd_f_##SUFFIX(const vk::AArgs& a, int64_t n) { vk::attn_fwd_task<float>(a, n); }     \
+  ATTR void afwd_d_##SUFFIX(const vk::AArgs& a, int64_t n) { vk::attn_fwd_task<double>(a, n); }  \
+  ATTR void abwd_f_##SUFFIX(const vk::AArgs& a, int64_t n) { vk::attn_bwd_task<float>(a, n); }     \
+  ATTR void abwd_d_##SUFFIX(const vk::AArgs& a, int64_t n) { vk::attn_bwd_task<double>(a, n); }
 
 #if defined(__x86_64__) || defined(__i386__)
 #define VF_X86 1
@@ -50,7 +59,8 @@ VF_ENTRIES(avx2, __attribute__((noinline, target("avx2,fma"))))
 VF_ENTRIES(generic, __attribute__((noinline)))
 
 #define VF_SET(SUFFIX) \
-  KernelSet { fwd_f_##SUFFIX, fwd_d_##SUFFIX, bwd_f_##SUFFIX, bwd_d_##SUFFIX, inv_f_##SUFFIX, inv_d_##SUFFIX, #SUFFIX }
+  KernelSet { fwd_f_##SUFFIX, fwd_d_##SUFFIX, bwd_f_##SUFFIX, bwd_d_##SUFFIX, inv_f_##SUFFIX, inv_d_##SUFFIX, \
+              afwd_f_##SUFFIX, afwd_d_##SUFFIX, abwd_f_##SUFFIX, abwd_d_##SUFFIX, #SUFFIX }
 
 KernelSet select_kernels(const std::string& want) {
 #ifdef VF_X86
@@ -218,10 +228,72 @@ std::tuple<torch::Tensor, torch::Tensor> coupling_inv(const torch::Tensor& y, co
   return {x, reduce_partials(partial, a, y.scalar_type())};
 }
 
+// --- small-head attention -------------------------------------------------------------------
+
+void run_attention(AttnFn fn, const vk::AArgs& a) {
+  pybind11::gil_scoped_release nogil;
+  at::parallel_for(0, a.N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) fn(a, n);
+  });
+}
+
+void check_like(const torch::Tensor& t, const char* name, at::IntArrayRef sizes, at::ScalarType dtype,
+                const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == dtype && t.sizes() == sizes,
+              what, ": ", name, " must be a contiguous CPU tensor of shape ", sizes, " and dtype ", dtype);
+}
+
+// Validates qkv (B, 3, heads, d, T) and fills the geometry of AArgs.
+void setup_attn(vk::AArgs& a, const torch::Tensor& qkv, const char* what) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.is_contiguous(), what, ": qkv must be a contiguous CPU tensor");
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kDouble, what,
+              ": float32 or float64 expected, got ", qkv.scalar_type());
+  TORCH_CHECK(qkv.dim() == 5 && qkv.size(1) == 3, what, ": qkv must have shape (B, 3, heads, d, T), got ",
+              qkv.sizes());
+  a.heads = qkv.size(2);
+  a.d = qkv.size(3);
+  a.T = qkv.size(4);
+  a.N = qkv.size(0) * a.heads;
+  TORCH_CHECK(a.d >= 1 && a.d <= vk::MAX_HEAD_DIM, what, ": head size d must be in [1, ", vk::MAX_HEAD_DIM,
+              "], got ", a.d);
+  a.scale = 1.0 / std::sqrt((double)a.d);
+  a.qkv = qkv.data_ptr();
+}
+
+std::tuple<torch::Tensor, torch::Tensor> attention_fwd(const torch::Tensor& qkv) {
+  vk::AArgs a;
+  setup_attn(a, qkv, "attention_fwd");
+  auto out = torch::empty({qkv.size(0), a.heads, a.d, a.T}, qkv.options());
+  auto lse = torch::empty({qkv.size(0), a.heads, a.T}, qkv.options());
+  a.out = out.data_ptr();
+  a.lse = lse.data_ptr();
+  run_attention(qkv.scalar_type() == at::kFloat ? kernels().afwd_f : kernels().afwd_d, a);
+  return {out, lse};
+}
+
+torch::Tensor attention_bwd(const torch::Tensor& qkv, const torch::Tensor& out, const torch::Tensor& lse,
+                            const torch::Tensor& grad_out) {
+  vk::AArgs a;
+  setup_attn(a, qkv, "attention_bwd");
+  const std::vector<int64_t> out_sizes{qkv.size(0), a.heads, a.d, a.T}, lse_sizes{qkv.size(0), a.heads, a.T};
+  check_like(out, "out", out_sizes, qkv.scalar_type(), "attention_bwd");
+  check_like(grad_out, "grad_out", out_sizes, qkv.scalar_type(), "attention_bwd");
+  check_like(lse, "lse", lse_sizes, qkv.scalar_type(), "attention_bwd");
+  auto gqkv = torch::empty_like(qkv);
+  auto dsum = torch::empty_like(lse);
+  a.o = out.data_ptr();
+  a.lse = lse.data_ptr();
+  a.gout = grad_out.data_ptr();
+  a.gqkv = gqkv.data_ptr();
+  a.dsum = dsum.data_ptr();
+  run_attention(qkv.scalar_type() == at::kFloat ? kernels().abwd_f : kernels().abwd_d, a);
+  return gqkv;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused CPU kernels of the mixture-of-logistics coupling (see vflow/reference.py)";
+  m.doc() = "Fused CPU kernels of the MoL coupling (see vflow/reference.py) and of small-head attention";
   m.def("coupling_fwd", &coupling_fwd, "forward coupling -> (y, logdet)", py::arg("x"), py::arg("params"),
         py::arg("smooth"), py::arg("pattern"), py::arg("parity"));
   m.def("coupling_bwd", &coupling_bwd, "vector-Jacobian product -> (grad_in, grad_params)", py::arg("x"),
@@ -229,5 +301,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("parity"), py::arg("inverse"));
   m.def("coupling_inv", &coupling_inv, "inverse coupling -> (x, logdet)", py::arg("y"), py::arg("params"),
         py::arg("smooth"), py::arg("pattern"), py::arg("parity"), py::arg("max_iters"), py::arg("newton"));
+  m.def("attention_fwd", &attention_fwd, "small-head softmax attention, qkv (B, 3, heads, d, T) -> (out, lse)",
+        py::arg("qkv"));
+  m.def("attention_bwd", &attention_bwd, "attention vector-Jacobian product -> grad_qkv", py::arg("qkv"),
+        py::arg("out"), py::arg("lse"), py::arg("grad_out"));
   m.def("_isa", [] { return std::string(kernels().name); }, "instruction set of the kernels in use");
 }

@@ -359,7 +359,8 @@ class MixLogisticCoupling(FlowLayer):
     The passive half h_p conditions the transform of the active half h_a:
     params = net(h_p [, context]) with C_a (2+3K) channels, viewed as (B, 2+3K, C_a, *S_a);
     y_a = exp(tanh a) logit(eps + (1-2eps) MixLogCDF(h_a; pi, mu, s)) + b, eps = 0.05 if
-    ``smooth`` (VFlow) else 0 (Flow++); y_p = h_p. Computed by ``vflow.ops`` (``backend``).
+    ``smooth`` (VFlow) else 0 (Flow++); y_p = h_p. Computed by ``vflow.ops`` (``backend``, also
+    the backend of the net's attention layers).
 
     * ``split="checker"``: active = positions with mask == ``parity`` (``pattern``), each
       half (B, C, H, W/2); uses ``ops.checkerboard_coupling`` on the full image.
@@ -413,6 +414,7 @@ class MixLogisticCoupling(FlowLayer):
             heads=heads,
             context_channels=context_channels,
             dropout=dropout,
+            backend=backend,
         )
 
     def _params(self, passive: Tensor, context: Tensor | None) -> Tensor:

@@ -42,7 +42,7 @@ from vflow.flows import (
     SpaceToDepth,
     coupling_block,
 )
-from vflow.nets import ContextNet
+from vflow.nets import ContextNet, GatedAttention
 
 __all__ = [
     "Step",
@@ -353,11 +353,12 @@ class FlowPlusPlus(nn.Module):
         return self
 
     def set_backend(self, name: str) -> FlowPlusPlus:
-        """Select the coupling backend ("auto", "reference", "cpp", "triton") everywhere."""
+        """Select the ops backend ("auto", "reference", "cpp", "triton") of every coupling and
+        attention layer."""
         if name not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {name!r}")
         for m in self.modules():
-            if isinstance(m, MixLogisticCoupling):
+            if isinstance(m, (MixLogisticCoupling, GatedAttention)):
                 m.backend = name
         self.backend = name
         return self

@@ -9,7 +9,8 @@ All tensors are NCHW. The building blocks follow the official Flow++ code:
   2*filters initialised at scale 0.1.
 * ``ChannelLayerNorm``: layer norm over the channel axis of every pixel.
 * ``GatedAttention``: multi-head self-attention over the H*W positions of ``x + pos_emb``
-  (1x1 conv to q, k, v; 1x1 conv to 2*filters at scale 0.1; gate; residual).
+  (1x1 conv to q, k, v; ``vflow.ops.self_attention``; 1x1 conv to 2*filters at scale 0.1;
+  gate; residual).
 * ``CouplingNet``: 3x3 conv in, ``blocks`` x [GatedConv -> LN -> (GatedAttention -> LN)],
   3x3 conv out (scale 0.1). With ``attention=False`` a block is GatedConv -> LN only (the
   paper's MixLogisticCoupling); the learned position embedding (F, H, W) is shared by all
@@ -103,11 +104,11 @@ class GatedAttention(nn.Module):
     out = x + gate(1x1 conv(softmax(q k^T / sqrt(d)) v)).
     """
 
-    def __init__(self, filters: int, heads: int = 4, dropout: float = 0.0):
+    def __init__(self, filters: int, heads: int = 4, dropout: float = 0.0, backend: str = "auto"):
         super().__init__()
         if filters % heads:
             raise ValueError(f"filters ({filters}) must be divisible by heads ({heads})")
-        self.heads = heads
+        self.heads, self.backend = heads, backend
         self.proj1 = nn.Conv2d(filters, 3 * filters, 1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.proj2 = _scaled_conv(nn.Conv2d(filters, 2 * filters, 1), 0.1)
@@ -115,11 +116,7 @@ class GatedAttention(nn.Module):
     def forward(self, x: Tensor, pos_emb: Tensor) -> Tensor:
         b, c, h, w = x.shape
         qkv = self.proj1(x + pos_emb).reshape(b, 3, self.heads, c // self.heads, h * w)
-        # (3, B, heads, T, d) with d innermost: SDPA's fused (flash) kernels need a unit
-        # last-dim stride, otherwise it falls back to the unfused math path.
-        q, k, v = qkv.permute(1, 0, 2, 4, 3).contiguous().unbind(0)
-        att = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, d)
-        att = att.transpose(-1, -2).reshape(b, c, h, w)
+        att = ops.self_attention(qkv, backend=self.backend).reshape(b, c, h, w)
         a, g = self.proj2(self.dropout(att)).chunk(2, dim=1)
         return x + a * torch.sigmoid(g)
 
@@ -143,6 +140,7 @@ class CouplingNet(nn.Module):
         context_channels: int = 0,
         dropout: float = 0.0,
         init_scale: float = 0.1,
+        backend: str = "auto",
     ):
         super().__init__()
         self.attention = attention
@@ -154,7 +152,7 @@ class CouplingNet(nn.Module):
         self.norms1 = nn.ModuleList(ChannelLayerNorm(filters) for _ in range(blocks))
         if attention:
             self.attns = nn.ModuleList(
-                GatedAttention(filters, heads, dropout) for _ in range(blocks)
+                GatedAttention(filters, heads, dropout, backend) for _ in range(blocks)
             )
             self.norms2 = nn.ModuleList(ChannelLayerNorm(filters) for _ in range(blocks))
         self.proj_out = _scaled_conv(nn.Conv2d(filters, out_channels, 3, padding=1), init_scale)

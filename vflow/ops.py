@@ -32,6 +32,13 @@ The fused backends are registered as ``torch.library`` custom ops (``vflow::coup
 ``vflow::coupling_bwd``, ``vflow::coupling_inv``) with fake kernels and autograd formulas,
 so they work under ``torch.compile(fullgraph=True)``. The backward recomputes from the
 inputs and stores no N x K intermediates. Double backward is not supported by the fused ops.
+
+``self_attention`` is the multi-head softmax attention of the conditioning networks, on the
+channel-major layout a 1x1 conv gives. With ``backend="cpp"`` and heads of at most
+``MAX_FUSED_HEAD_DIM`` channels it runs the fused small-head kernel of ``vflow._C``
+(``vflow::attention_fwd`` / ``vflow::attention_bwd``); otherwise torch's
+``scaled_dot_product_attention`` (``reference.self_attention``), whose GEMM-based kernels
+suit large heads and GPUs.
 """
 
 from __future__ import annotations
@@ -54,11 +61,13 @@ __all__ = [
     "checkerboard_coupling_inverse",
     "checkerboard_split",
     "checkerboard_merge",
+    "self_attention",
 ]
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
 METHODS = ("newton", "bisection")
 DEFAULT_MAX_ITERS = {"newton": 50, "bisection": 100}
+MAX_FUSED_HEAD_DIM = 8  # the C++ attention kernel keeps d vectors per operand in registers
 BUILD_HINT = "build it with `pip install -e . --no-build-isolation` in the vflow source tree"
 
 
@@ -483,3 +492,76 @@ def checkerboard_merge(
     _check_parity(parity)
     dtype = torch.promote_types(active.dtype, passive.dtype)
     return reference.merge(active.to(dtype), passive.to(dtype), code, parity)
+
+
+# --- small-head attention -----------------------------------------------------------------
+
+
+@torch.library.custom_op("vflow::attention_fwd", mutates_args=())
+def _attention_fwd(qkv: Tensor) -> tuple[Tensor, Tensor]:
+    return _CPP.attention_fwd(qkv)
+
+
+@_attention_fwd.register_fake
+def _(qkv):
+    b, _, heads, d, t = qkv.shape
+    return qkv.new_empty(b, heads, d, t), qkv.new_empty(b, heads, t)
+
+
+@torch.library.custom_op("vflow::attention_bwd", mutates_args=())
+def _attention_bwd(qkv: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor) -> Tensor:
+    return _CPP.attention_bwd(qkv, out, lse, grad_out)
+
+
+@_attention_bwd.register_fake
+def _(qkv, out, lse, grad_out):
+    return torch.empty_like(qkv)
+
+
+def _attention_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], *output)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    # lse (the row log-sum-exps kept for the backward) never leaves self_attention
+    qkv, out, lse = ctx.saved_tensors
+    return _attention_bwd(qkv, out, lse, grad_out.contiguous())
+
+
+torch.library.register_autograd(
+    "vflow::attention_fwd", _attention_backward, setup_context=_attention_setup
+)
+
+
+def self_attention(qkv: Tensor, *, backend: str = "auto") -> Tensor:
+    """Multi-head softmax self-attention over positions, heads channel-major.
+
+    Args:
+        qkv: (B, 3, heads, d, T): queries, keys and values of every head, positions
+            innermost: a 1x1 conv output (B, 3 * heads * d, H, W) viewed as
+            (B, 3, heads, d, H * W). Any strides.
+        backend: "auto", "reference", "cpp" or "triton" (see the module docstring). "cpp"
+            with d <= MAX_FUSED_HEAD_DIM runs the fused kernel of ``vflow._C``; every other
+            case runs torch's ``scaled_dot_product_attention``.
+
+    Returns:
+        out (B, heads, d, T) with, per sample and head, scale = 1/sqrt(d)::
+
+            out[c, i] = sum_j softmax_j(scale * sum_c' q[c', i] k[c', j]) v[c, j]
+
+        in qkv's dtype (float16 / bfloat16 are computed in float32 by the fused kernel).
+    """
+    _check_tensor("qkv", qkv)
+    if qkv.dim() != 5 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv must have shape (B, 3, heads, d, T), got {tuple(qkv.shape)}")
+    if qkv.shape[2] == 0 or qkv.shape[3] == 0 or qkv.shape[4] == 0:
+        raise ValueError(
+            f"qkv needs at least one head, one channel per head and one position, "
+            f"got shape {tuple(qkv.shape)}"
+        )
+    backend = resolve_backend(backend, qkv.device)
+    if backend != "cpp" or qkv.shape[3] > MAX_FUSED_HEAD_DIM:
+        return reference.self_attention(qkv)
+    dtype = torch.float32 if qkv.dtype in (torch.float16, torch.bfloat16) else qkv.dtype
+    out, _ = _attention_fwd(qkv.to(dtype).contiguous())
+    return out.to(qkv.dtype)

@@ -244,3 +244,15 @@ def coupling_inv(
                 solve_inverse(active, params, smooth, max_iters, newton), passive, pattern, parity
             )
         return x, -coupling_fwd(x, params, smooth, pattern, parity)[1]
+
+
+def self_attention(qkv: Tensor) -> Tensor:
+    """Softmax self-attention of channel-major heads, by torch's scaled_dot_product_attention.
+
+    qkv (B, 3, heads, d, T) -> out (B, heads, d, T) (a non-contiguous view), with
+    out[b, n, c, i] = sum_j softmax_j(q[:, i] . k[:, j] / sqrt(d)) v[c, j]. q, k and v are
+    copied once to (B, heads, T, d): on CPU, SDPA takes its fused (flash) kernel only when
+    the head dimension is innermost; otherwise it falls back to the unfused math path.
+    """
+    q, k, v = qkv.permute(1, 0, 2, 4, 3).contiguous().unbind(0)
+    return tF.scaled_dot_product_attention(q, k, v).transpose(-1, -2)
