@@ -13,8 +13,13 @@ For each config (default: vflow-digits and vflow-cifar10) and each variant, in o
 
 Every (config, variant) runs in its own subprocess so that peak memory (max RSS on CPU,
 max allocated on CUDA) is per variant and compile caches do not leak between variants.
-Prints a table and writes JSON to results/model_step.json. ``--profile`` adds, per variant,
-where the step's CPU time goes (convolutions, attention, coupling ops, the rest).
+Speed-ups are paired: after its own measurements (peak memory included), each subprocess
+builds the all-reference eager model with the same weights and times the two models'
+steps alternately, so a slow period of a shared machine hits both sides of the ratio (the
+``reference`` row pairs the model with an identical twin: its ratio shows the noise).
+``--unpaired`` compares the separate processes' times instead. Prints a table and writes
+JSON to results/model_step.json. ``--profile`` adds, per variant, where the step's CPU
+time goes (convolutions, attention, coupling ops, the rest).
 
     python benchmarks/model_step.py            # full
     python benchmarks/model_step.py --quick    # fewer repeats, smaller sample batch
@@ -46,6 +51,7 @@ COMPILED = ("fused+compile", "fused+chlast+compile-elbo")
 CATEGORIES = (
     ("convolution", "convolutions"),
     ("scaled_dot_product", "attention"),
+    ("vflow::attention", "attention"),
     ("softmax", "attention"),
     ("bmm", "attention"),
     ("vflow", "coupling ops"),
@@ -106,20 +112,14 @@ def _time(fn, repeats: int, device: str) -> list[float]:
 def worker(args) -> dict:
     import torch
 
-    import vflow
-
-    torch.manual_seed(0)
     device = args.device
     fused = _fused_backend(device)
     variant = args.variant
     if variant != "reference" and fused is None:
         return dict(skipped=f"no fused backend on {device} (vflow._C / triton not available)")
     backend = "reference" if variant == "reference" else fused
-    model = vflow.build(args.config, backend=backend).to(device)
-    c, h, w = model.config.data_shape
-    batch = args.batch or BATCH.get(args.config, DEFAULT_BATCH)
-    x = torch.randint(0, model.config.n_bins, (batch, c, h, w), device=device)
-    model.initialize(x)
+    model, x = _build(args, backend)
+    batch = x.shape[0]
     if "chlast" in variant:
         model = model.to(memory_format=torch.channels_last)
     _wrap_nets(model, variant)
@@ -132,12 +132,7 @@ def worker(args) -> dict:
         torch._inductor.config.fallback_random = True
         bpd = torch.compile(model.bpd)
 
-    def step():
-        model.zero_grad(set_to_none=True)
-        loss = bpd(x).mean()
-        loss.backward()
-        return loss
-
+    step = _step_fn(model, bpd, x)
     t0 = time.perf_counter()
     loss = step()  # warm-up (includes compilation)
     warmup_s = time.perf_counter() - t0
@@ -154,6 +149,22 @@ def worker(args) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    paired = None
+    if args.paired:
+        model.train()
+        reference, _ = _build(args, "reference")
+        reference.train()
+        ref_step = _step_fn(reference, reference.bpd, x)
+        ref_step()
+        ref_times, var_times = [], []
+        for _ in range(args.repeats):
+            ref_times += _time(ref_step, 1, device)
+            var_times += _time(step, 1, device)
+        paired = dict(
+            reference_ms=1e3 * statistics.median(ref_times),
+            step_ms=1e3 * statistics.median(var_times),
+        )
+        paired["speedup"] = paired["reference_ms"] / paired["step_ms"]
     return dict(
         config=args.config,
         variant=variant,
@@ -169,7 +180,35 @@ def worker(args) -> dict:
         sample_ms=1e3 * statistics.median(sample_times),
         peak_mb=peak,
         breakdown=breakdown,
+        paired=paired,
     )
+
+
+def _build(args, backend: str):
+    """The model of args.config on ``backend``, seeded, initialised on its benchmark batch."""
+    import torch
+
+    import vflow
+
+    torch.manual_seed(0)
+    model = vflow.build(args.config, backend=backend).to(args.device)
+    c, h, w = model.config.data_shape
+    batch = args.batch or BATCH.get(args.config, DEFAULT_BATCH)
+    x = torch.randint(0, model.config.n_bins, (batch, c, h, w), device=args.device)
+    model.initialize(x)
+    return model, x
+
+
+def _step_fn(model, bpd, x):
+    """One training step: zero the gradients, bits/dim forward, backward."""
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = bpd(x).mean()
+        loss.backward()
+        return loss
+
+    return step
 
 
 def _breakdown(step, repeats: int = 3) -> dict:
@@ -206,6 +245,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--profile", action="store_true", help="also report where each step's time goes"
+    )
+    parser.add_argument(
+        "--unpaired",
+        dest="paired",
+        action="store_false",
+        help="speed-ups from the separate processes' step times (no alternating reference)",
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
     parser.add_argument("--out", default="results/model_step.json")
@@ -253,6 +298,8 @@ def main() -> None:
                 cmd += ["--sample-n", str(args.sample_n)]
             if args.profile:
                 cmd.append("--profile")
+            if not args.paired:
+                cmd.append("--unpaired")
             print(f"... {config} / {variant}", file=sys.stderr, flush=True)
             try:
                 proc = subprocess.run(
@@ -270,42 +317,52 @@ def main() -> None:
                 row = dict(error=f"timed out after {args.timeout}s")
             rows.append({"config": config, "variant": variant, **row})
 
+    ratio_note = "alternating with the reference in one process" if args.paired else "unpaired"
     header = (
         f"{'config':<16} {'variant':<26} {'step ms':>10} {'vs ref':>7} "
         f"{'sample ms':>11} {'peak MB':>9}  note"
     )
+    print(f"vs ref: step-time ratio, {ratio_note}")
     print(header)
     print("-" * len(header))
     for row in rows:
-        ref = next(
-            (
-                r
-                for r in rows
-                if r["config"] == row["config"] and r["variant"] == "reference" and "step_ms" in r
-            ),
-            None,
-        )
-        if "step_ms" in row:
-            speed = f"{ref['step_ms'] / row['step_ms']:.2f}x" if ref else "-"
-            row["speedup_vs_reference"] = ref["step_ms"] / row["step_ms"] if ref else None
-            note = (
-                f"batch {row['batch']}, sample n={row['sample_n']}, warm-up {row['warmup_s']:.1f}s"
-            )
-            if row.get("breakdown"):
-                note += "; " + ", ".join(f"{k} {v:.0%}" for k, v in row["breakdown"].items())
-            print(
-                f"{row['config']:<16} {row['variant']:<26} {row['step_ms']:>10.1f} {speed:>7} "
-                f"{row['sample_ms']:>11.1f} {row['peak_mb']:>9.0f}  {note}"
-            )
-        else:
+        if "step_ms" not in row:
             print(
                 f"{row['config']:<16} {row['variant']:<26} {'-':>10} {'-':>7} {'-':>11} {'-':>9}  "
                 f"{row.get('skipped') or row.get('error')}"
             )
+            continue
+        row["speedup_vs_reference"] = ratio = _speedup(row, rows)
+        speed = "-" if ratio is None else f"{ratio:.2f}x"
+        note = f"batch {row['batch']}, sample n={row['sample_n']}, warm-up {row['warmup_s']:.1f}s"
+        if row.get("paired"):
+            p = row["paired"]
+            note += f"; paired {p['step_ms']:.1f} vs reference {p['reference_ms']:.1f} ms"
+        if row.get("breakdown"):
+            note += "; " + ", ".join(f"{k} {v:.0%}" for k, v in row["breakdown"].items())
+        print(
+            f"{row['config']:<16} {row['variant']:<26} {row['step_ms']:>10.1f} {speed:>7} "
+            f"{row['sample_ms']:>11.1f} {row['peak_mb']:>9.0f}  {note}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(quick=args.quick, device=args.device, rows=rows), indent=2))
     print(f"wrote {out}")
+
+
+def _speedup(row: dict, rows: list[dict]) -> float | None:
+    """Paired ratio if measured, else the reference row's step time over this row's."""
+    if row.get("paired"):
+        return row["paired"]["speedup"]
+    ref = next(
+        (
+            r
+            for r in rows
+            if r["config"] == row["config"] and r["variant"] == "reference" and "step_ms" in r
+        ),
+        None,
+    )
+    return ref["step_ms"] / row["step_ms"] if ref else None
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from vflow import ops
-from vflow.nets import CouplingNet
+from vflow.nets import CouplingNet, pixelwise_linear
 
 __all__ = [
     "FlowLayer",
@@ -332,16 +332,16 @@ class Pointwise(FlowLayer):
         b, c, h, wd = x.shape
         logabsdet = torch.linalg.slogdet(self.weight.double())[1].sum()
         if self.split == "channel":
-            y = F.conv2d(x, torch.block_diag(w[0], w[1])[:, :, None, None])
+            y = pixelwise_linear(x, torch.block_diag(w[0], w[1]))
             positions = h * wd
         elif self.split == "checker":
             mask = _mask(h, wd, self.pattern, x.device)
             y = torch.where(
-                mask, F.conv2d(x, w[1][:, :, None, None]), F.conv2d(x, w[0][:, :, None, None])
+                mask, pixelwise_linear(x, w[1]), pixelwise_linear(x, w[0])
             )
             positions = h * wd // 2
         else:
-            y = F.conv2d(x, w[0][:, :, None, None])
+            y = pixelwise_linear(x, w[0])
             positions = h * wd
         logdet = (positions * logabsdet).to(x.dtype).expand(b)
         return y, -logdet if inverse else logdet

@@ -30,6 +30,8 @@ from vflow import ops
 
 __all__ = [
     "concat_elu",
+    "pixelwise_linear",
+    "Conv1x1",
     "GatedConv",
     "ChannelLayerNorm",
     "GatedAttention",
@@ -41,6 +43,39 @@ __all__ = [
 def concat_elu(x: Tensor) -> Tensor:
     """elu(cat([x, -x])) along channels: (B, C, ...) -> (B, 2C, ...)."""
     return F.elu(torch.cat([x, -x], dim=1))
+
+
+def pixelwise_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """A 1x1 convolution: y[:, o] = sum_i weight[o, i] x[:, i] (+ bias[o]) at every pixel.
+
+    (B, Cin, H, W), weight (Cout, Cin), bias (Cout,) -> (B, Cout, H, W). Input that is
+    channels_last-contiguous is multiplied as the (B*H*W, Cin) matrix of its (B, H, W, Cin)
+    view: a GEMM with no copies, whose output is channels_last again, and for the channel
+    counts of these networks 1.2-3x faster, forward + backward, than the convolution
+    kernels on the same layout. Other input goes through ``F.conv2d`` (for NCHW input a
+    batched GEMM is no faster).
+    """
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
+    return F.conv2d(x, weight[:, :, None, None], bias)
+
+
+class Conv1x1(nn.Conv2d):
+    """``nn.Conv2d(in_channels, out_channels, 1)`` (same parameters and state dict) computed
+    by ``pixelwise_linear``."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return pixelwise_linear(x, self.weight.flatten(1), self.bias)
+
+
+def _conv(in_channels: int, out_channels: int, kernel: int) -> nn.Conv2d:
+    """A 'same'-padded conv with a square odd kernel (``Conv1x1`` for kernel 1)."""
+    if kernel == 1:
+        return Conv1x1(in_channels, out_channels)
+    return nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2)
 
 
 def _scaled_conv(conv: nn.Conv2d, scale: float) -> nn.Conv2d:
@@ -64,11 +99,10 @@ class GatedConv(nn.Module):
         init_scale: float = 0.1,
     ):
         super().__init__()
-        self.c1 = nn.Conv2d(2 * filters, filters, 3, padding=1)
-        self.a_proj = nn.Conv2d(2 * context_channels, filters, 1) if context_channels else None
+        self.c1 = _conv(2 * filters, filters, 3)
+        self.a_proj = _conv(2 * context_channels, filters, 1) if context_channels else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        k = 1 if nin else 3
-        self.c2 = _scaled_conv(nn.Conv2d(2 * filters, 2 * filters, k, padding=k // 2), init_scale)
+        self.c2 = _scaled_conv(_conv(2 * filters, 2 * filters, 1 if nin else 3), init_scale)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         h = self.c1(concat_elu(x))
@@ -109,9 +143,9 @@ class GatedAttention(nn.Module):
         if filters % heads:
             raise ValueError(f"filters ({filters}) must be divisible by heads ({heads})")
         self.heads, self.backend = heads, backend
-        self.proj1 = nn.Conv2d(filters, 3 * filters, 1)
+        self.proj1 = _conv(filters, 3 * filters, 1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.proj2 = _scaled_conv(nn.Conv2d(filters, 2 * filters, 1), 0.1)
+        self.proj2 = _scaled_conv(_conv(filters, 2 * filters, 1), 0.1)
 
     def forward(self, x: Tensor, pos_emb: Tensor) -> Tensor:
         b, c, h, w = x.shape
@@ -144,7 +178,7 @@ class CouplingNet(nn.Module):
     ):
         super().__init__()
         self.attention = attention
-        self.proj_in = nn.Conv2d(in_channels, filters, 3, padding=1)
+        self.proj_in = _conv(in_channels, filters, 3)
         self.pos_emb = nn.Parameter(torch.randn(filters, *spatial) * 0.01) if attention else None
         self.convs = nn.ModuleList(
             GatedConv(filters, context_channels, dropout) for _ in range(blocks)
@@ -155,7 +189,7 @@ class CouplingNet(nn.Module):
                 GatedAttention(filters, heads, dropout, backend) for _ in range(blocks)
             )
             self.norms2 = nn.ModuleList(ChannelLayerNorm(filters) for _ in range(blocks))
-        self.proj_out = _scaled_conv(nn.Conv2d(filters, out_channels, 3, padding=1), init_scale)
+        self.proj_out = _scaled_conv(_conv(filters, out_channels, 3), init_scale)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         h = self.proj_in(x)
@@ -187,7 +221,7 @@ class ContextNet(nn.Module):
         super().__init__()
         self.pattern = pattern
         self.out_channels = filters
-        self.proj = nn.Conv2d(2 * in_channels, filters, 3, padding=1)
+        self.proj = _conv(2 * in_channels, filters, 3)
         self.blocks = nn.ModuleList(
             GatedConv(filters, 0, dropout, nin=False) for _ in range(blocks)
         )
