@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vflow
-from vflow import flows, ops
+from vflow import flows, nets, ops
 from vflow.models import CONFIGS, FlowPlusPlus, VFlow, _meta_counts, describe, parameter_counts
 
 HAS_CPP = "cpp" in ops.available_backends("cpu")
@@ -167,14 +167,28 @@ def test_cpp_backend_matches_reference(name, dtype, tol):
         )
 
 
-def test_set_backend_switches_every_coupling():
+def test_set_backend_switches_every_coupling_and_attention():
     model = vflow.build("vflow-digits", backend="reference")
     couplings = [m for m in model.modules() if isinstance(m, flows.MixLogisticCoupling)]
-    assert len(couplings) == 12 and all(m.backend == "reference" for m in couplings)
+    attentions = [m for m in model.modules() if isinstance(m, nets.GatedAttention)]
+    assert len(couplings) == 12 and len(attentions) == 8
+    assert all(m.backend == "reference" for m in couplings + attentions)
     model.set_backend("auto")
-    assert all(m.backend == "auto" for m in couplings)
+    assert all(m.backend == "auto" for m in couplings + attentions)
     with pytest.raises(ValueError, match="backend"):
         model.set_backend("cuda-magic")
+
+
+def test_elbo_compiles_without_graph_breaks_and_checks_the_range():
+    """fullgraph=True fails on any graph break; the input range check is traced and still
+    raises when the compiled graph runs."""
+    model = _model("vflow-digits", dtype=torch.float32, backend="auto")
+    x = _images(model, 4)
+    noise = _noise(model, 4, torch.float32)
+    compiled = torch.compile(model.elbo, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, **noise), model.elbo(x, **noise))
+    with pytest.raises(RuntimeError, match=r"\[0, 17\)"):
+        compiled(x + 17, **noise)
 
 
 # --- importance-weighted log-likelihood ---------------------------------------------------------

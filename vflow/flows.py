@@ -336,9 +336,7 @@ class Pointwise(FlowLayer):
             positions = h * wd
         elif self.split == "checker":
             mask = _mask(h, wd, self.pattern, x.device)
-            y = torch.where(
-                mask, pixelwise_linear(x, w[1]), pixelwise_linear(x, w[0])
-            )
+            y = torch.where(mask, pixelwise_linear(x, w[1]), pixelwise_linear(x, w[0]))
             positions = h * wd // 2
         else:
             y = pixelwise_linear(x, w[0])

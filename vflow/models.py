@@ -250,7 +250,11 @@ class FlowPlusPlus(nn.Module):
             )
         if tuple(x.shape[2:]) != (h, w):
             raise ValueError(f"{cfg.name} expects {h}x{w} images, got {x.shape[2]}x{x.shape[3]}")
-        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= cfg.n_bins):
+        if x.numel() and torch.compiler.is_compiling():
+            # traced (no graph break): raises RuntimeError when the compiled graph runs
+            in_range = (x.min() >= 0) & (x.max() < cfg.n_bins)
+            torch._assert_async(in_range, f"image values must lie in [0, {cfg.n_bins})")
+        elif x.numel() and (int(x.min()) < 0 or int(x.max()) >= cfg.n_bins):
             raise ValueError(
                 f"image values must lie in [0, {cfg.n_bins}), got range "
                 f"[{int(x.min())}, {int(x.max())}]"
