@@ -396,10 +396,10 @@ def test_channels_last_training_matches_contiguous(tmp_path):
 def test_compile_flag_compiles_the_objective(tmp_path, monkeypatch):
     compiled = []
 
-    def fake_compile(module):
-        compiled.append(type(module).__name__)
+    def fake_compile(module, options=None):
+        compiled.append((type(module).__name__, options))
         return module
 
     monkeypatch.setattr(T.torch, "compile", fake_compile)
     T.train(_args(tmp_path, steps=2, compile=True), build_fn=tiny_build)
-    assert compiled == ["_ElboObjective"]
+    assert compiled == [("_ElboObjective", {"cpp_wrapper": True})]

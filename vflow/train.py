@@ -496,6 +496,17 @@ class TrainResult:
     checkpoint: str | None
 
 
+def compile_objective(fn, device: torch.device | str):
+    """``torch.compile`` a training objective the way ``vflow train --compile`` does.
+
+    On CPU with inductor's C++ wrapper: the generated code then calls its kernels, GEMMs,
+    convolutions and the vflow custom ops from C++ instead of from a Python function, which
+    saves about a tenth of a digits training step. Compilation happens on the first call.
+    """
+    options = {"cpp_wrapper": True} if torch.device(device).type == "cpu" else None
+    return torch.compile(fn, options=options)
+
+
 def train(args: TrainArgs, build_fn: Callable[[dict], nn.Module] = default_build) -> TrainResult:
     """Train (or resume) a run; see the module docstring. Returns the final state."""
     info = init_distributed(args.device)
@@ -639,7 +650,7 @@ def _train(args: TrainArgs, build_fn, info: DistInfo) -> TrainResult:
 
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        objective = torch.compile(objective)  # compiles on the first step (minutes on a CPU)
+        objective = compile_objective(objective, device)  # compiles on the first step
     params = [p for p in model.parameters() if p.requires_grad]
     grad_clip = recipe.get("grad_clip") or 0.0
 
