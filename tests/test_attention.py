@@ -2,6 +2,11 @@
 odd shapes, non-contiguous inputs, extreme scores, NaN, empty batches, half precision,
 gradients, torch.library registration, torch.compile and bad input."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -208,3 +213,21 @@ def test_kernel_checks_its_arguments():
         C.attention_bwd(qkv, out, lse[:, :, :5].contiguous(), out)
     with pytest.raises(RuntimeError, match="grad_out must be"):
         C.attention_bwd(qkv, out, lse, out.double())
+
+
+@needs_cpp
+def test_benchmark_script_quick_run(tmp_path):
+    """benchmarks/attention.py --quick writes a row per shape with every provider's time and
+    an error against float64 at float32 level (speed is measured there, not asserted here)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+    out = tmp_path / "attention.json"
+    cmd = [sys.executable, str(script), "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["B"], r["heads"], r["d"], r["T"]) for r in rows] == [(8, 4, 4, 16), (8, 4, 8, 64)]
+    for r in rows:
+        for provider in ("fused", "sdpa", "eager"):
+            assert r[f"{provider}_us"] > 0
+            assert r[f"{provider}_err"] < 1e-4
+        assert r["fused_vs_sdpa"] == pytest.approx(r["sdpa_us"] / r["fused_us"])
