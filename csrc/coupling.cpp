@@ -305,5 +305,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qkv"));
   m.def("attention_bwd", &attention_bwd, "attention vector-Jacobian product -> grad_qkv", py::arg("qkv"),
         py::arg("out"), py::arg("lse"), py::arg("grad_out"));
+  m.attr("ATTENTION_MAX_HEAD_DIM") = vk::MAX_HEAD_DIM;
   m.def("_isa", [] { return std::string(kernels().name); }, "instruction set of the kernels in use");
 }

@@ -129,6 +129,25 @@ def test_empty_batch(backend):
 
 
 @needs_cpp
+def test_cpp_backend_runs_the_kernel_up_to_its_head_size(monkeypatch):
+    """d <= MAX_FUSED_HEAD_DIM on the cpp backend runs vflow::attention_fwd; larger heads and
+    the reference backend run SDPA (reference.self_attention)."""
+    assert ops.MAX_FUSED_HEAD_DIM == 8
+    sdpa_calls = []
+    sdpa = ops.reference.self_attention
+    monkeypatch.setattr(
+        ops.reference, "self_attention", lambda qkv: sdpa_calls.append(qkv.shape[3]) or sdpa(qkv)
+    )
+    for d, backend in [(8, "cpp"), (9, "cpp"), (4, "reference")]:
+        qkv = torch.randn(2, 3, 2, d, 5)
+        with torch.profiler.profile() as prof:
+            ops.self_attention(qkv, backend=backend)
+        fused = any(e.key == "vflow::attention_fwd" for e in prof.key_averages())
+        assert fused == (backend == "cpp" and d <= 8), (d, backend)
+    assert sdpa_calls == [9, 4]
+
+
+@needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_computes_in_float32(dtype):
     qkv = torch.randn(2, 3, 2, 4, 12).to(dtype)

@@ -67,7 +67,6 @@ __all__ = [
 BACKENDS = ("auto", "reference", "cpp", "triton")
 METHODS = ("newton", "bisection")
 DEFAULT_MAX_ITERS = {"newton": 50, "bisection": 100}
-MAX_FUSED_HEAD_DIM = 8  # the C++ attention kernel keeps d vectors per operand in registers
 BUILD_HINT = "build it with `pip install -e . --no-build-isolation` in the vflow source tree"
 
 
@@ -96,6 +95,10 @@ def _import_triton():
 # TRITON_INTERPRET when it is imported: set it before importing vflow.ops.
 _CPP = _import_cpp()
 _TRITON = _import_triton()
+# The largest head size of the fused attention kernel (it keeps d vectors per operand in
+# registers); larger heads run on torch's SDPA. 0 without the extension, or with one built
+# before the kernel existed (rebuild it to get the kernel).
+MAX_FUSED_HEAD_DIM = getattr(_CPP, "ATTENTION_MAX_HEAD_DIM", 0)
 
 
 def _triton_interpreted() -> bool:
