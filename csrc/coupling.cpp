@@ -102,6 +102,13 @@ void run_tasks(TaskFn fn, const vk::KArgs& a) {
   });
 }
 
+// A contiguous CPU tensor of the given shape and dtype, or an error naming it.
+void check_like(const torch::Tensor& t, const char* name, at::IntArrayRef sizes, at::ScalarType dtype,
+                const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == dtype && t.sizes() == sizes,
+              what, ": ", name, " must be a contiguous CPU tensor of shape ", sizes, " and dtype ", dtype);
+}
+
 // Validates shapes, fills the geometry of KArgs. Returns K.
 void setup_args(vk::KArgs& a, const torch::Tensor& x, const torch::Tensor& params, int64_t pattern,
                 int64_t parity, const char* what) {
@@ -182,13 +189,8 @@ std::tuple<torch::Tensor, torch::Tensor> coupling_bwd(const torch::Tensor& x, co
                                                       int64_t pattern, int64_t parity, bool inverse) {
   vk::KArgs a;
   setup_args(a, x, params, pattern, parity, "coupling_bwd");
-  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type() &&
-                  grad_out.is_contiguous() && grad_out.device().is_cpu(),
-              "coupling_bwd: grad_out must be a contiguous CPU tensor like x");
-  TORCH_CHECK(grad_logdet.dim() == 1 && grad_logdet.size(0) == a.B &&
-                  grad_logdet.scalar_type() == x.scalar_type() && grad_logdet.is_contiguous() &&
-                  grad_logdet.device().is_cpu(),
-              "coupling_bwd: grad_logdet must be a contiguous CPU tensor of shape (B,) and x's dtype");
+  check_like(grad_out, "grad_out", x.sizes(), x.scalar_type(), "coupling_bwd");
+  check_like(grad_logdet, "grad_logdet", {a.B}, x.scalar_type(), "coupling_bwd");
   a.smooth = smooth;
   a.inverse = inverse;
   auto grad_in = torch::empty_like(x);
@@ -235,12 +237,6 @@ void run_attention(AttnFn fn, const vk::AArgs& a) {
   at::parallel_for(0, a.N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) fn(a, n);
   });
-}
-
-void check_like(const torch::Tensor& t, const char* name, at::IntArrayRef sizes, at::ScalarType dtype,
-                const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == dtype && t.sizes() == sizes,
-              what, ": ", name, " must be a contiguous CPU tensor of shape ", sizes, " and dtype ", dtype);
 }
 
 // Validates qkv (B, 3, heads, d, T) and fills the geometry of AArgs.

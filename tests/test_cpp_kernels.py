@@ -276,6 +276,13 @@ def test_rejects_bad_inputs():
         C.coupling_fwd(x, p[:, :-1].contiguous(), True, 0, 0)
     with pytest.raises(RuntimeError):
         C.coupling_fwd(x, p, True, 3, 0)
+    go, gl = torch.ones_like(x), torch.ones(2)
+    with pytest.raises(RuntimeError, match="grad_out must be a contiguous CPU tensor of shape"):
+        C.coupling_bwd(x, p, go.double(), gl, True, 0, 0, False)
+    with pytest.raises(RuntimeError, match="grad_out must be a contiguous CPU tensor of shape"):
+        C.coupling_bwd(x, p, torch.ones(2, 5, 10, 7).transpose(2, 3), gl, True, 0, 0, False)
+    with pytest.raises(RuntimeError, match="grad_logdet must be a contiguous CPU tensor of shape"):
+        C.coupling_bwd(x, p, go, torch.ones(3), True, 0, 0, False)
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
