@@ -33,6 +33,8 @@ setup(
     packages=["vflow", "vflow.kernels"],
     package_dir={"vflow": "vflow", "vflow.kernels": "kernels"},
     python_requires=">=3.10",
+    # Optional integrations: vflow.transforms' zuko / pyro adapters import them only when used.
+    extras_require={"zuko": ["zuko>=1.6"], "pyro": ["pyro-ppl>=1.9"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension},
     entry_points={"console_scripts": ["vflow=vflow.cli:main"]},

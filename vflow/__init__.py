@@ -6,6 +6,7 @@ their eager oracle in ``vflow.reference``, and a complete VFlow model built on t
 
 __version__ = "0.1.0"
 
+from vflow import transforms  # noqa: E402  (the fused coupling as torch Transforms)
 from vflow.models import build  # noqa: E402
 
-__all__ = ["build", "__version__"]
+__all__ = ["build", "transforms", "__version__"]
