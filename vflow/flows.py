@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from vflow import ops
-from vflow.nets import CouplingNet, pixelwise_linear
+from vflow.nets import CouplingNet, data_init_scale, pixelwise_linear
 
 __all__ = [
     "FlowLayer",
@@ -225,22 +225,26 @@ class ImageToLogit(FlowLayer):
         s = 0.05 + 0.9 * v / self.n_bins
         y = torch.logit(s)
         logdet = _sum_per_sample(-torch.log(s) - torch.log1p(-s))
-        return y, logdet + v[0].numel() * math.log(0.9 / self.n_bins)
+        return y, logdet + math.prod(v.shape[1:]) * math.log(0.9 / self.n_bins)
 
     def inverse(self, y: Tensor, context=None):
         s = torch.sigmoid(y)
         v = (s - 0.05) * (self.n_bins / 0.9)
         logdet = _sum_per_sample(F.logsigmoid(y) + F.logsigmoid(-y))
-        return v, logdet - y[0].numel() * math.log(0.9 / self.n_bins)
+        return v, logdet - math.prod(y.shape[1:]) * math.log(0.9 / self.n_bins)
 
 
 class ActNorm(FlowLayer):
     """y = x * exp(log_scale) + bias with one scale and bias per element of ``shape`` (C, H, W).
 
     On a full image this equals Flow++'s per-half "Norm" (one parameter set per element of
-    each half). Data-dependent initialisation on the first batch it sees (or after
+    each half). Data-dependent initialisation (official Flow++ ``init_normalization``,
+    flows/flows.py) on the first batch of at least 2 samples it sees (or after
     ``reset_initialization``): scale = 1 / sqrt(var + 1e-8), bias = -mean * scale over the
-    batch, so that batch comes out with zero mean and unit variance per element. The
+    batch, so that batch comes out with zero mean and unit variance per element. An element
+    whose batch variance is below ``nets.MIN_INIT_VAR`` (constant over the batch) gets scale 1
+    (``nets.data_init_scale``) instead of the official 1e4. Smaller batches (0 or 1 samples,
+    which have no variance) pass through the identity without initialising it. The
     ``initialized`` buffer is part of the state_dict. logdet = sum log_scale.
     """
 
@@ -257,20 +261,31 @@ class ActNorm(FlowLayer):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._known_initialized = False
+        # mirror the loaded flag now (one sync per load), so that a compiled forward needs none
+        meta = self.initialized.device.type == "meta"
+        self._known_initialized = False if meta else bool(self.initialized)
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        """Data-dependent init from the batch x (B, *shape)."""
-        mean = x.mean(0)
-        var = x.var(0, unbiased=False)
-        self.log_scale.copy_(-0.5 * torch.log(var + 1e-8))
-        self.bias.copy_(-mean * torch.exp(self.log_scale))
+        """Data-dependent init from the batch x (B, *shape), B >= 2; statistics in float64.
+
+        scale = ``data_init_scale(var)``, log_scale = log scale, bias = -mean * scale."""
+        if x.shape[0] < 2:
+            raise ValueError(
+                f"ActNorm.initialize: the batch x must hold at least 2 samples to estimate "
+                f"per-element variances, got shape {tuple(x.shape)}"
+            )
+        xd = x.double()
+        mean = xd.mean(0)
+        var = (xd - mean).square().mean(0)
+        scale = data_init_scale(var)
+        self.log_scale.copy_(torch.log(scale))
+        self.bias.copy_(-mean * scale)
         self.initialized.fill_(True)
         self._known_initialized = True
 
     def _maybe_initialize(self, x: Tensor) -> None:
-        if self._known_initialized or x.device.type == "meta":
+        if self._known_initialized or x.device.type == "meta" or x.shape[0] < 2:
             return
         if bool(self.initialized):
             self._known_initialized = True

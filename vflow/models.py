@@ -18,12 +18,18 @@ conditioned on ``ContextNet(y)``, y the dequantised logit-space image) -> Sigmoi
     log P(x) >= E_{r, q}[ log p(y, z) + logdet_pre - log q(z | y) - log r(u | x) ].
 
 Methods: ``elbo``, ``bpd``, ``log_prob`` (importance-weighted, Eq. 5), ``sample``,
-``initialize`` (data-dependent ActNorm init), ``set_backend``; attribute ``config``.
-Use ``vflow.build(name, backend=..., **overrides)`` for the named configurations.
+``initialize`` (data-dependent initialisation, see ``FlowPlusPlus.initialize``),
+``set_backend``; attribute ``config``. Use ``vflow.build(name, backend=..., **overrides)`` for
+the named configurations.
+
+Empty batches: ``elbo``, ``bpd`` and ``log_prob`` of a (0, C, H, W) batch return empty (0,)
+tensors and ``sample(0)`` an empty (0, C, H, W) long tensor; ``initialize`` needs at least 2
+images (ValueError otherwise).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -42,7 +48,7 @@ from vflow.flows import (
     SpaceToDepth,
     coupling_block,
 )
-from vflow.nets import ContextNet, GatedAttention
+from vflow.nets import ContextNet, ConvDataInit, GatedAttention
 
 __all__ = [
     "Step",
@@ -51,11 +57,16 @@ __all__ = [
     "VFlow",
     "CONFIGS",
     "build",
+    "INIT_SCHEMES",
+    "DEFAULT_INIT_SCHEME",
     "parameter_counts",
     "describe",
 ]
 
 LOG_2PI = math.log(2 * math.pi)
+
+INIT_SCHEMES = ("official", "actnorm")
+DEFAULT_INIT_SCHEME = "official"
 
 
 # --- architecture description -------------------------------------------------------------
@@ -195,7 +206,21 @@ def _build_flow(
 def _std_normal_logp(eps) -> Tensor:
     """sum log N(eps; 0, I) per sample; eps a tensor or a tuple of tensors."""
     parts = eps if isinstance(eps, tuple) else (eps,)
-    return sum(-0.5 * (p.flatten(1).square().sum(1) + p[0].numel() * LOG_2PI) for p in parts)
+    return sum(
+        -0.5 * (p.flatten(1).square().sum(1) + math.prod(p.shape[1:]) * LOG_2PI) for p in parts
+    )
+
+
+def _check_initialized(model: nn.Module) -> None:
+    """Raise unless every ActNorm of ``model`` is initialised and its state is finite."""
+    missing = [n for n, m in model.named_modules() if isinstance(m, ActNorm) and not m.initialized]
+    if missing:
+        raise RuntimeError(f"initialize: ActNorm(s) {missing} did not run")
+    bad = [
+        k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()
+    ]
+    if bad:
+        raise ValueError(f"initialize: the init batch gave non-finite values for {bad}")
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -341,19 +366,74 @@ class FlowPlusPlus(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
-        """n images (n, C, H, W), long, in [0, n_bins): invert p from N(0, T^2 I)."""
+        """n images (n, C, H, W), long, in [0, n_bins): invert p from N(0, T^2 I).
+        ``n = 0`` gives an empty (0, C, H, W) tensor."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"sample: n must be >= 0 (an int), got {n!r}")
         eps = torch.randn(n, *self.latent_shape, device=self._device, dtype=self._dtype)
         xz, _ = self.p_flow.inverse(eps * temperature)
         v, _ = self.preprocess.inverse(xz[:, : self.config.data_shape[0]])
         return v.floor().clamp(0, self.config.n_bins - 1).long()
 
     @torch.no_grad()
-    def initialize(self, x: Tensor) -> FlowPlusPlus:
-        """Data-dependent initialisation of every ActNorm on the batch x (no grad)."""
-        for m in self.modules():
+    def initialize(
+        self,
+        x: Tensor,
+        scheme: str = DEFAULT_INIT_SCHEME,
+        *,
+        eps_r: Tensor | None = None,
+        eps_q: Tensor | None = None,
+    ) -> FlowPlusPlus:
+        """Data-dependent initialisation from the init batch x (B >= 2 images); returns self.
+
+        One pass of the ELBO over x (noise ``eps_r`` / ``eps_q`` as in ``elbo``, else drawn)
+        initialises the layers in data-flow order (r, then q, then p), each from its own
+        output on x given the already initialised layers before it:
+
+        * ``scheme="official"`` (official Flow++ code, flows/flows.py and flows/nn.py,
+          ``init=True``): every conv / dense layer of the conditioning and context networks
+          gets weights N(0, 0.05) and zero bias, then per output channel
+          scale = init_scale / sqrt(var + 1e-8), weight *= scale, bias = -mean * scale, so
+          its output on x has zero mean and variance init_scale^2 (init_scale 0.1 for the c2
+          of a gated conv, the attention output projection and the coupling's output conv,
+          1 elsewhere); and every ActNorm is set per element to zero mean, unit variance.
+        * ``scheme="actnorm"``: only the ActNorms; the convs keep their construction-time
+          weights (PyTorch's default init, output convs shrunk by 0.1).
+
+        Degenerate statistics: a channel or element with batch variance below
+        ``nets.MIN_INIT_VAR`` (e.g. constant over identical images) gets scale init_scale
+        (unit variance assumed), never the official 1e4 (``nets.data_init_scale``).
+        Position embeddings, LayerNorms and the invertible 1x1 convs are not data-dependent.
+
+        Atomic: x is validated first (ValueError for fewer than 2 images, as a per-element
+        variance needs two), the initialisation runs on a copy of the model, and only a
+        complete, finite result is copied into this model; on any exception its parameters
+        and ``initialized`` flags are unchanged.
+        """
+        if scheme not in INIT_SCHEMES:
+            raise ValueError(
+                f"initialize: scheme must be one of {', '.join(map(repr, INIT_SCHEMES))}, "
+                f"got {scheme!r}"
+            )
+        images = self._check_images(x)
+        if images.shape[0] < 2:
+            raise ValueError(
+                "initialize: the init batch x must hold at least 2 images (a per-element "
+                f"variance needs two), got shape {tuple(x.shape)}"
+            )
+        work = copy.deepcopy(self)
+        for m in work.modules():
             if isinstance(m, ActNorm):
                 m.reset_initialization()
-        self.elbo(x)
+        if scheme == "official":
+            with ConvDataInit(work) as convs:
+                work._objective(images, eps_r, eps_q)
+            if convs.pending:
+                raise RuntimeError(f"initialize: {len(convs.pending)} conv(s) never ran")
+        else:
+            work._objective(images, eps_r, eps_q)
+        _check_initialized(work)
+        self.load_state_dict(work.state_dict())
         return self
 
     def set_backend(self, name: str) -> FlowPlusPlus:

@@ -18,6 +18,17 @@ All tensors are NCHW. The building blocks follow the official Flow++ code:
 * ``ContextNet``: the shallow image processor of the conditional flows r(u|x), q(z|x):
   split the image into its two halves, concatenate them along channels, 3x3 conv, then
   ``blocks`` GatedConvs with 3x3 c2. Output (B, filters, H, W/2).
+
+Data-dependent initialisation (official Flow++ code, flows/nn.py ``conv2d`` / ``dense``):
+every conv built by these networks carries an ``init_scale`` attribute (0.1 for the c2 of a
+gated conv, the output projection of the attention block and the coupling's output conv, 1
+elsewhere). ``redraw_conv_weights`` draws their weights from N(0, 0.05) with zero biases and
+``data_init_conv`` rescales one conv from its output on the init batch, per output channel:
+scale = init_scale / sqrt(var + 1e-8), bias = -mean * scale, so that the batch comes out with
+zero mean and variance init_scale^2. ``data_init_scale`` holds that rule and its one
+deviation from the official code: a channel (or element) whose batch variance is below
+``MIN_INIT_VAR`` gets scale = init_scale (as if its variance were 1) instead of
+init_scale / sqrt(1e-8) = 1e4 init_scale.
 """
 
 from __future__ import annotations
@@ -29,6 +40,12 @@ from torch.nn import functional as F
 from vflow import ops
 
 __all__ = [
+    "INIT_WEIGHT_STD",
+    "MIN_INIT_VAR",
+    "data_init_scale",
+    "data_init_conv",
+    "redraw_conv_weights",
+    "ConvDataInit",
     "concat_elu",
     "pixelwise_linear",
     "Conv1x1",
@@ -38,6 +55,99 @@ __all__ = [
     "CouplingNet",
     "ContextNet",
 ]
+
+
+INIT_WEIGHT_STD = 0.05  # official: tf.random_normal_initializer(0, 0.05)
+MIN_INIT_VAR = 1e-4  # batch variances below this count as zero (degenerate)
+
+
+def data_init_scale(var: Tensor, init_scale: float = 1.0) -> Tensor:
+    """Scale that maps a batch statistic of variance ``var`` to variance init_scale^2.
+
+    Official Flow++ (``init_normalization`` / ``conv2d`` / ``dense``):
+    scale = init_scale / sqrt(var + 1e-8). Where var < ``MIN_INIT_VAR`` (a constant element or
+    channel, e.g. one repeated image) the batch says nothing about the spread, and the
+    official rule would give init_scale * 1e4; there scale = init_scale (unit variance
+    assumed), which only centres the statistic.
+    """
+    scale = init_scale * torch.rsqrt(var + 1e-8)
+    return torch.where(var < MIN_INIT_VAR, torch.full_like(scale, init_scale), scale)
+
+
+@torch.no_grad()
+def data_init_conv(conv: nn.Conv2d, out: Tensor, init_scale: float | None = None) -> Tensor:
+    """Data-dependent init of ``conv`` from its output ``out`` = conv(x) on the init batch.
+
+    Per output channel o, with m_o and v_o the mean and (biased) variance of out[:, o] over
+    (B, H, W) and s_o = ``data_init_scale(v_o, init_scale)``: weight[o] *= s_o and
+    bias[o] = (bias[o] - m_o) s_o, so conv(x) becomes (out - m) s: zero mean and variance
+    init_scale^2 per channel (official Flow++ ``conv2d(..., init=True)``, which starts from
+    zero bias). ``init_scale`` defaults to ``conv.init_scale``. Returns the new output.
+    Statistics are taken in float64.
+    """
+    if init_scale is None:
+        init_scale = conv.init_scale
+    o = out.double()
+    mean = o.mean((0, 2, 3))
+    var = (o - mean[:, None, None]).square().mean((0, 2, 3))
+    scale = data_init_scale(var, init_scale)
+    conv.weight.mul_(scale.to(conv.weight.dtype).view(-1, *[1] * (conv.weight.dim() - 1)))
+    conv.bias.copy_((conv.bias.double() - mean) * scale)
+    return ((o - mean[:, None, None]) * scale[:, None, None]).to(out.dtype)
+
+
+def _init_convs(module: nn.Module) -> list[nn.Conv2d]:
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d) and hasattr(m, "init_scale")]
+
+
+@torch.no_grad()
+def redraw_conv_weights(module: nn.Module) -> list[nn.Conv2d]:
+    """Weights N(0, ``INIT_WEIGHT_STD``^2) and zero biases for every conv of ``module`` that
+    has an ``init_scale`` (the official code's initial values before the data-dependent
+    rescaling). Draws from the global RNG of the weights' device; returns the convs."""
+    convs = _init_convs(module)
+    for conv in convs:
+        conv.weight.normal_(0.0, INIT_WEIGHT_STD)
+        conv.bias.zero_()
+    return convs
+
+
+class ConvDataInit:
+    """``with ConvDataInit(module):`` the official data-dependent init of its convs.
+
+    On entry the weights are redrawn (``redraw_conv_weights``) and a forward hook is put on
+    each conv; the first time a conv runs, the hook rescales it from its output
+    (``data_init_conv``) and passes the rescaled output on, so later layers see the
+    initialised earlier ones (one forward pass initialises the network in data-flow order, as
+    the official code's ``init=True`` graph does). On exit the hooks are removed;
+    ``pending`` lists the convs that never ran.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.convs: list[nn.Conv2d] = []
+        self.done: set[int] = set()
+        self.handles = []
+
+    def __enter__(self) -> ConvDataInit:
+        self.convs = redraw_conv_weights(self.module)
+        self.handles = [c.register_forward_hook(self._hook) for c in self.convs]
+        return self
+
+    def _hook(self, conv: nn.Module, inputs, out: Tensor) -> Tensor:
+        if id(conv) in self.done:
+            return out
+        self.done.add(id(conv))
+        return data_init_conv(conv, out)
+
+    @property
+    def pending(self) -> list[nn.Conv2d]:
+        return [c for c in self.convs if id(c) not in self.done]
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
 
 def concat_elu(x: Tensor) -> Tensor:
@@ -72,14 +182,20 @@ class Conv1x1(nn.Conv2d):
 
 
 def _conv(in_channels: int, out_channels: int, kernel: int) -> nn.Conv2d:
-    """A 'same'-padded conv with a square odd kernel (``Conv1x1`` for kernel 1)."""
+    """A 'same'-padded conv with a square odd kernel (``Conv1x1`` for kernel 1), with
+    ``init_scale`` 1 for the data-dependent initialisation."""
     if kernel == 1:
-        return Conv1x1(in_channels, out_channels)
-    return nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2)
+        conv = Conv1x1(in_channels, out_channels)
+    else:
+        conv = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2)
+    conv.init_scale = 1.0
+    return conv
 
 
 def _scaled_conv(conv: nn.Conv2d, scale: float) -> nn.Conv2d:
-    """Shrink the initial weights of ``conv`` by ``scale`` and zero its bias."""
+    """Shrink the initial weights of ``conv`` by ``scale`` and zero its bias; ``scale`` is also
+    the conv's ``init_scale`` for the data-dependent initialisation."""
+    conv.init_scale = scale
     with torch.no_grad():
         if conv.weight.device.type != "meta":
             conv.weight.mul_(scale)
