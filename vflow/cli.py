@@ -67,6 +67,15 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+def _init_batch_size(text: str) -> int:
+    v = int(text)
+    if v < 2:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= 2 (initialisation estimates per-element variances), got {v}"
+        )
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vflow",
@@ -152,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=20,
         help="consecutive non-finite steps before stopping",
+    )
+    t.add_argument(
+        "--init-batch-size",
+        type=_init_batch_size,
+        help="training images for the data-dependent initialisation, drawn independently of "
+        "--batch-size (default: 128, or the training-set size if smaller)",
+    )
+    t.add_argument(
+        "--init-scheme",
+        choices=["official", "actnorm"],
+        help="data-dependent initialisation: 'official' (every conv and ActNorm, as the "
+        "official Flow++ code) or 'actnorm' (ActNorm only) (default: the model's, official)",
     )
     t.add_argument(
         "--threads",
@@ -251,6 +272,8 @@ def _train(a, parser) -> int:
         max_bad_steps=a.max_bad_steps,
         progress=a.progress,
         num_threads=a.threads,
+        init_batch_size=a.init_batch_size,
+        init_scheme=a.init_scheme,
         channels_last=a.channels_last,
         compile=a.compile,
     )
