@@ -54,7 +54,7 @@ def load(name: str, quick: bool, seed: int = 0) -> dict[str, torch.Tensor]:
 
     rng = np.random.default_rng(seed)
     if name == "moons":
-        n = 1000 if quick else 8000
+        n = 600 if quick else 8000
         x, _ = datasets.make_moons(n_samples=n, noise=0.05, random_state=seed)
     elif name == "wine":
         x = datasets.load_wine().data
@@ -168,9 +168,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     q = args.quick
     args.datasets = args.datasets or (["moons", "wine"] if q else list(DATASETS))
-    args.steps = args.steps or (30 if q else 2000)
+    args.steps = args.steps or (20 if q else 2000)
     args.eval_every = args.eval_every or (10 if q else 100)
-    args.sample_n = args.sample_n or (1000 if q else 10000)
+    args.sample_n = args.sample_n or (500 if q else 10000)
     args.repeats = args.repeats or (2 if q else 11)
     torch.set_num_threads(args.threads)
     models = ["vflow-mol", "zuko-nsf"] + (["zuko-nsf-ar"] if args.autoregressive else [])
