@@ -28,8 +28,8 @@ imported only by the adapters that need them):
   ``lazy()`` as a zuko ``LazyTransform`` (for ``zuko.flows.Flow``), ``pyro()`` as a pyro
   ``ConditionalTransformModule``. ``zuko_flow(...)`` stacks such couplings into a zuko Flow.
 
-Sources: Flow++ (Ho et al., ICML 2019, https://arxiv.org/abs/1902.00275, Eq. 7 and the
-official code's ``mixlogistic_logcdf`` / ``inverse`` in ``flows/logistic.py``), VFlow
+Sources: Flow++ (Ho et al., ICML 2019, https://arxiv.org/abs/1902.00275, section 3.2 and the
+official code's ``mixlogistic_logcdf`` and bisection ``mixlogistic_invcdf``), VFlow
 (Chen et al., ICML 2020, https://arxiv.org/abs/2002.09741, appendix B: the smoothed
 ``logit(0.05 + 0.9 F)``).
 
@@ -91,7 +91,7 @@ class MixLogisticCDFTransform(Transform):
         y           = exp(tanh(a_raw)) * logit(G(x)) + b
         log|dy/dx|  = tanh(a_raw) + log(1 - 2 eps) + log f(x) - log G - log(1 - G)
 
-    (Flow++, Ho et al. 2019, Eq. 7; ``smooth=True`` is VFlow's bounded variant, Chen et al.
+    (Flow++, Ho et al. 2019, section 3.2; ``smooth=True`` is VFlow's bounded variant, Chen et al.
     2020, appendix B.) The map is strictly increasing (``sign = +1``) and bijective from the
     real line onto ``codomain``.
 
