@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -368,8 +369,12 @@ class FlowPlusPlus(nn.Module):
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         """n images (n, C, H, W), long, in [0, n_bins): invert p from N(0, T^2 I).
         ``n = 0`` gives an empty (0, C, H, W) tensor."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"sample: n must be >= 0 (an int), got {n!r}")
+        try:
+            n = operator.index(n)
+        except TypeError:
+            raise ValueError(f"sample: n must be an integer >= 0, got {n!r}") from None
+        if n < 0:
+            raise ValueError(f"sample: n must be an integer >= 0, got {n}")
         eps = torch.randn(n, *self.latent_shape, device=self._device, dtype=self._dtype)
         xz, _ = self.p_flow.inverse(eps * temperature)
         v, _ = self.preprocess.inverse(xz[:, : self.config.data_shape[0]])
