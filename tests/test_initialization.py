@@ -352,6 +352,27 @@ def _layer_cases():
             (ctx, 4, 2),
         ),
         "affine": (lambda: flows.AugmentedAffineCoupling(1, 1, (4, 4), filters=8, blocks=1), None),
+        "literal-checker-split": (
+            lambda: flows.Compose(
+                [
+                    flows.CheckerboardSplit(),
+                    flows.Parallel(flows.ActNorm((2, 4, 2)), flows.Pointwise(2)),
+                    flows.TupleFlip(),
+                    flows.Inverse(flows.CheckerboardSplit()),
+                ]
+            ),
+            None,
+        ),
+        "literal-channel-split": (
+            lambda: flows.Compose(
+                [
+                    flows.ChannelSplit(),
+                    flows.Parallel(flows.Sigmoid(), flows.ActNorm((1, 4, 4))),
+                    flows.Inverse(flows.ChannelSplit()),
+                ]
+            ),
+            None,
+        ),
         "block": (
             lambda: flows.f_checker(shape, parity=1, blocks=1, filters=8, components=2),
             None,
