@@ -180,16 +180,20 @@ class CondFlow(nn.Module):
     """``q(z|x)`` on ``z`` in ``R^dim`` given a context ``x`` in ``R^cond_dim``.
 
     Towards the Gaussian: ``steps`` conditional Glow steps (the coupling nets see ``x``;
-    none when ``dim == 1``, where a coupling cannot split) ``u = g(z; x)``, then the
-    conditional Gaussian base ``eps = (u - mu(x)) exp(-log_sigma(x))`` (a ``Coupling``
-    with ``split = 0``, i.e. ``mu`` and ``log_sigma`` from one MLP of ``x``).
-    ``log q(z|x) = log N(eps; 0, I) + log|det d eps/dz|``.
+    none when ``dim == 1``, where a coupling cannot split) ``u = g(z; x)``, then a standard
+    normal base, ``log q(z|x) = log N(u; 0, I) + log|det du/dz|``. That is the paper's
+    section 5 literally (one transformation step). With ``gaussian_base`` (always when
+    ``dim == 1``: the paper's Gaussian layer ``N(z; mu(x), sigma(x))``) a conditional
+    Gaussian base follows the steps, ``eps = (u - mu(x)) exp(-log_sigma(x))``: a
+    ``Coupling`` with ``split = 0``, ``mu`` and ``log_sigma`` from one MLP of ``x``.
     """
 
-    def __init__(self, dim: int, cond_dim: int, steps: int = 1):
+    def __init__(self, dim: int, cond_dim: int, steps: int = 1, gaussian_base: bool = False):
         super().__init__()
         layers = glow_steps(dim, steps, cond_dim) if dim >= 2 else []
-        self.flow = Flow(layers + [Coupling(dim, cond_dim, split=0)])
+        if dim == 1 or gaussian_base:
+            layers.append(Coupling(dim, cond_dim, split=0))
+        self.flow = Flow(layers)
         self.dim = dim
 
     def log_prob(self, z: Tensor, x: Tensor) -> Tensor:
@@ -205,14 +209,16 @@ class CondFlow(nn.Module):
 
 class VFlow(nn.Module):
     """VFlow with flow dimensionality ``dim = 2 + D_Z`` and ``steps`` = L total steps:
-    ``p(x, z)`` = ``Glow(dim, steps - 1)`` on ``[x, z]``; ``q(z|x)`` = ``CondFlow(D_Z, 2, 1)``."""
+    ``p(x, z)`` = ``Glow(dim, steps - 1)`` on ``[x, z]``; ``q(z|x)`` =
+    ``CondFlow(D_Z, 2, 1, q_base)``: one conditional Glow step (the paper), plus a
+    conditional Gaussian base network if ``q_base``."""
 
-    def __init__(self, dim: int, steps: int, data_dim: int = 2):
+    def __init__(self, dim: int, steps: int, data_dim: int = 2, q_base: bool = False):
         super().__init__()
         assert dim > data_dim and steps >= 2
         self.dim, self.data_dim = dim, data_dim
         self.p = Glow(dim, steps - 1)
-        self.q = CondFlow(dim - data_dim, data_dim, steps=1)
+        self.q = CondFlow(dim - data_dim, data_dim, steps=1, gaussian_base=q_base)
 
     def log_weight(self, x: Tensor) -> Tensor:
         """One-sample ``log p(x, z) - log q(z|x)`` with ``z ~ q(z|x)``: shape ``(N,)``."""
@@ -229,9 +235,9 @@ class VFlow(nn.Module):
         return torch.logsumexp(w, dim=0) - math.log(samples)
 
 
-def make_model(dim: int, steps: int) -> nn.Module:
-    """``Glow(2, steps)`` for ``dim == 2``, else ``VFlow(dim, steps)``."""
-    return Glow(2, steps) if dim == 2 else VFlow(dim, steps)
+def make_model(dim: int, steps: int, q_base: bool = False) -> nn.Module:
+    """``Glow(2, steps)`` for ``dim == 2``, else ``VFlow(dim, steps, q_base=q_base)``."""
+    return Glow(2, steps) if dim == 2 else VFlow(dim, steps, q_base=q_base)
 
 
 def n_params(model: nn.Module) -> int:
@@ -258,6 +264,46 @@ def density_grid(model: nn.Module, n: int = 128, samples: int = 100, lim: float 
     return log_likelihood(model, pts, samples, chunk=256).exp().view(n, n)
 
 
+def train_single(
+    dim: int,
+    steps: int,
+    seed: int,
+    iters: int,
+    lr: float = 1e-3,
+    batch: int = 64,
+    q_base: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[nn.Module, Tensor, int]:
+    """The one-model loop (the reference for :func:`train_ensemble`).
+
+    Seeds the global RNG with ``seed`` and builds ``make_model(dim, steps, q_base)`` (so the
+    initialisation and VFlow's ``z`` draws come from the global stream), draws batch ``t``
+    with ``sample_checkerboard(batch, gen)`` from ``gen`` seeded ``10_000 + seed``, and takes
+    ``iters`` Adam steps (``lr``, default betas) on ``-mean(ELBO)`` (the exact negative
+    log-likelihood for a Glow) with the gradient norm clipped at 100; a step whose loss is
+    not finite is skipped. ``dtype`` (float64 for tests) casts the model after its
+    initialisation and each batch after it is drawn. Returns the trained model (in train
+    mode), the per-iteration losses, shape ``(iters,)``, and the number of skipped steps.
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    model = make_model(dim, steps, q_base).to(dtype)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = torch.empty(iters, dtype=dtype)
+    skipped = 0
+    for it in range(iters):
+        loss = -model.elbo(sample_checkerboard(batch, gen).to(dtype)).mean()
+        losses[it] = loss.detach()
+        opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            skipped += 1
+            continue
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
+        opt.step()
+    return model, losses, skipped
+
+
 def train_and_evaluate(
     dim: int,
     steps: int,
@@ -269,28 +315,15 @@ def train_and_evaluate(
     density: bool = False,
     density_px: int = 128,
     threads: int | None = 1,
+    q_base: bool = False,
 ) -> dict:
-    """One run: seed everything with ``seed``, train ``make_model(dim, steps)`` for ``iters``
-    Adam steps on fresh batches of ``batch`` points (maximising the ELBO, the exact
-    log-likelihood for a Glow), then evaluate the ``samples``-sample log-likelihood on
-    :func:`fixed_test_set`. Returns a dict of plain values (and a ``density`` grid if asked)."""
+    """One run with the one-model loop: :func:`train_single`, then the ``samples``-sample
+    log-likelihood on :func:`fixed_test_set` (continuing the global random stream). Returns
+    a dict of plain values (and a ``density`` grid if asked)."""
     if threads is not None:
         torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    model = make_model(dim, steps)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
     t0, c0 = time.perf_counter(), time.process_time()
-    skipped = 0
-    for _ in range(iters):
-        loss = -model.elbo(sample_checkerboard(batch, gen)).mean()
-        opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            skipped += 1
-            continue
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
-        opt.step()
+    model, _, skipped = train_single(dim, steps, seed, iters, lr, batch, q_base)
     train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     model.eval()
     ll = log_likelihood(model, fixed_test_set(), samples)
@@ -308,3 +341,452 @@ def train_and_evaluate(
     if density:
         out["density"] = density_grid(model, density_px, samples).numpy()
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Ensembles: many toy models trained in one set of tensor ops.
+#
+# A member is a (steps, seed) pair of one flow dimensionality ``dim``: the model
+# ``make_model(dim, steps, q_base)`` that ``train_single(dim, steps, seed, ...)`` would train.
+# Every weight carries a leading ensemble dimension and every matrix product is a batched one
+# (``bmm``/``baddbmm``), so one iteration costs one set of ops for the whole ensemble. Members of
+# different depths share the ops step by step: members are sorted by depth (descending), step
+# ``k`` of p runs on the first ``n_k`` members only (those with more than ``k`` steps), and a
+# member leaves the batch when its steps are done.
+
+HIDDEN = 50
+
+
+def checkerboard_batches(gen: torch.Generator, iters: int, batch: int) -> Tensor:
+    """``iters`` batches at once, shape ``(iters, batch, 2)``, bit-identical to
+    ``torch.stack([sample_checkerboard(batch, gen) for _ in range(iters)])``, and leaving
+    ``gen`` in the same state.
+
+    ``sample_checkerboard`` draws ``rand(batch)``, ``randint(0, 2, (batch,))``, ``rand(batch)``;
+    on the CPU each value takes one 32-bit word ``r`` of the generator, in order (``rand``
+    keeps ``(r mod 2^24) / 2^24``, ``randint(0, 2)`` keeps ``r mod 2``), so a single
+    ``randint(0, 2^24, (iters, 3, batch))`` holds every word the loop would use. The test
+    suite checks the identity (it rests on how ATen's CPU sampler consumes its generator).
+    """
+    r = torch.randint(0, 2**24, (iters, 3, batch), generator=gen)
+    u1 = r[:, 0].float() * 2.0**-24
+    b = (r[:, 1] & 1).float()
+    u2 = r[:, 2].float() * 2.0**-24
+    x1 = u1 * 4 - 2
+    x2 = u2 - 2 * b + torch.floor(x1) % 2
+    return 2 * torch.stack([x1, x2], dim=-1)
+
+
+def normal_batches(
+    gen: torch.Generator, iters: int, batch: int, dim: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """``iters`` draws of ``randn(batch, dim)`` from ``gen``, shape ``(iters, batch, dim)``.
+
+    One ``randn`` call when ``batch * dim`` is a multiple of 16: ATen's CPU normal sampler
+    fills 16 values at a time from consecutive uniforms, so the draws then equal ``iters``
+    separate calls bit for bit (checked by the tests); separate calls otherwise."""
+    if (batch * dim) % 16 == 0:
+        return torch.randn(iters, batch, dim, generator=gen, dtype=dtype)
+    return torch.stack([torch.randn(batch, dim, generator=gen, dtype=dtype) for _ in range(iters)])
+
+
+def step_fields(dim: int, cond: int, split: int, inv: bool) -> list[tuple[str, tuple]]:
+    """Stacked fields of one layer on ``R^dim`` with a context of ``cond`` dims: if ``inv``, the
+    ``InvLinear`` (``inv_w`` as ``W``, ``inv_b``); then the coupling MLP of
+    :class:`Coupling` with ``split`` (0: a conditional Gaussian layer), weights stored
+    transposed, ``(in, out)``, biases ``(1, out)``, so that a layer is ``baddbmm(b, h, w)``."""
+    out = 2 * (dim - split)
+    fields = [("inv_w", (dim, dim)), ("inv_b", (1, dim))] if inv else []
+    return fields + [
+        ("w1", (split + cond, HIDDEN)),
+        ("b1", (1, HIDDEN)),
+        ("w2", (HIDDEN, HIDDEN)),
+        ("b2", (1, HIDDEN)),
+        ("w3", (HIDDEN, out)),
+        ("b3", (1, out)),
+    ]
+
+
+def single_fields(inv: InvLinear | None, coupling: Coupling) -> dict[str, Tensor]:
+    """The parameters of one single-model layer as views in the stacked layout of
+    :func:`step_fields` (``w = weight.T``, ``b = bias[None]``): copying into or out of these
+    views moves weights between a single model and an ensemble member."""
+    lin = [m for m in coupling.net if isinstance(m, nn.Linear)]
+    out = {"inv_w": inv.weight, "inv_b": inv.bias.view(1, -1)} if inv is not None else {}
+    for i, m in enumerate(lin, start=1):
+        out[f"w{i}"], out[f"b{i}"] = m.weight.T, m.bias.view(1, -1)
+    return out
+
+
+class ParamBlock:
+    """The stacked parameters of many members in one flat buffer, with their Adam state.
+
+    ``data`` (shape ``(R, P)``) has one row per (slot, member): slot ``k`` owns rows
+    ``start_k .. start_k + n_k - 1`` for members ``0 .. n_k - 1``, and a row holds every
+    field of that slot's layers (``layers``: ``[(layer name, step_fields(...))]``), end to end.
+    ``slots[k][layer][field]`` is a leaf tensor of shape ``(n_k, *shape)``, a view of ``data``,
+    whose ``.grad`` is the same view of ``grad``: backward accumulates straight into the flat
+    gradient, and clipping and Adam are a few whole-buffer ops. ``whole[layer][field]``, for
+    the fields named in ``whole``, is one more such leaf over all ``R`` rows (aliasing the
+    slots' leaves, so both paths accumulate into the same gradient): the ``log|det W|`` of
+    every slot's ``InvLinear`` is then one batched ``slogdet``. ``row_member`` (``(R,)``)
+    names the member of each row.
+    """
+
+    def __init__(
+        self,
+        layers: list[tuple[str, list]],
+        slot_sizes: list[int],
+        dtype=torch.float32,
+        whole: tuple[str, ...] = (),
+    ):
+        self.offsets, width = {}, 0
+        for layer, fields in layers:
+            for name, shape in fields:
+                self.offsets[(layer, name)] = (width, shape)
+                width += math.prod(shape)
+        rows = sum(slot_sizes)
+        self.data = torch.zeros(rows, width, dtype=dtype)
+        self.grad = torch.zeros_like(self.data)
+        self.exp_avg = torch.zeros_like(self.data)
+        self.exp_avg_sq = torch.zeros_like(self.data)
+        self.row_member = torch.cat([torch.arange(n) for n in slot_sizes])
+        self.starts = [sum(slot_sizes[:k]) for k in range(len(slot_sizes))]
+        self.slots = [self._views(s, n) for s, n in zip(self.starts, slot_sizes, strict=True)]
+        self.whole = self._views(0, rows, whole)
+
+    def _views(self, start: int, n: int, only=None) -> dict[str, dict[str, Tensor]]:
+        views: dict[str, dict[str, Tensor]] = {}
+        for (layer, name), (col, shape) in self.offsets.items():
+            if only is not None and name not in only:
+                continue
+            cols = slice(col, col + math.prod(shape))
+            leaf = self.data[start : start + n, cols].view(n, *shape).detach().requires_grad_()
+            leaf.grad = self.grad[start : start + n, cols].view(n, *shape)
+            views.setdefault(layer, {})[name] = leaf
+        return views
+
+
+def stacked_mlp(w: dict[str, Tensor], h: Tensor) -> Tensor:
+    """The coupling MLP for ``n`` members at once: ``h`` ``(n, B, in)`` -> ``(n, B, out)``,
+    ``relu(h W1 + b1)``, ``relu(. W2 + b2)``, ``. W3 + b3`` with ``W_i`` of shape
+    ``(n, in_i, out_i)``."""
+    h = torch.relu(torch.baddbmm(w["b1"], h, w["w1"]))
+    h = torch.relu(torch.baddbmm(w["b2"], h, w["w2"]))
+    return torch.baddbmm(w["b3"], h, w["w3"])
+
+
+def stacked_coupling(
+    w: dict[str, Tensor], x: Tensor, c: Tensor | None, split: int, inverse: bool = False
+) -> tuple[Tensor, Tensor]:
+    """:class:`Coupling` for ``n`` members: ``x`` ``(n, B, D)``, context ``c`` ``(n, B, C)``.
+    Forward ``y_b = x_b exp(s) + t``, logdet ``sum(s)``; inverse ``(y_b - t) exp(-s)``,
+    ``-sum(s)``; ``s = 3 tanh(s_raw / 3)``. Returns ``(y, logdet)``, ``(n, B, D)``, ``(n, B)``."""
+    xa, xb = x[..., :split], x[..., split:]
+    s, t = stacked_mlp(w, xa if c is None else torch.cat([xa, c], dim=-1)).chunk(2, dim=-1)
+    s = 3.0 * torch.tanh(s / 3.0)
+    if inverse:
+        return torch.cat([xa, (xb - t) * (-s).exp()], dim=-1), -s.sum(dim=-1)
+    return torch.cat([xa, xb * s.exp() + t], dim=-1), s.sum(dim=-1)
+
+
+def stacked_glow_step(
+    w: dict[str, Tensor],
+    x: Tensor,
+    logdet: Tensor,
+    c: Tensor | None = None,
+    ld: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One Glow step [InvLinear, Coupling, Reverse] for ``n`` members towards the Gaussian:
+    ``x`` ``(n, B, D)`` -> ``x W^T + b`` (logdet ``log|det W|``, ``(n,)``, from ``ld`` if
+    given), the coupling, ``flip``; returns the new ``x`` and ``logdet`` ``(n, B)`` plus this
+    step's log-determinant."""
+    if ld is None:
+        ld = torch.linalg.slogdet(w["inv_w"])[1]
+    x = torch.baddbmm(w["inv_b"], x, w["inv_w"].transpose(1, 2))
+    logdet = logdet + ld[:, None]
+    x, ld = stacked_coupling(w, x, c, x.shape[-1] // 2)
+    return x.flip(-1), logdet + ld
+
+
+def stacked_glow_step_inverse(
+    w: dict[str, Tensor], y: Tensor, logdet: Tensor, c: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The inverse of :func:`stacked_glow_step` (towards the data); adds
+    ``log|det dx/dy|`` to ``logdet`` ``(n, B)``."""
+    y, ld = stacked_coupling(w, y.flip(-1), c, y.shape[-1] // 2, inverse=True)
+    logdet = logdet + ld
+    ld = torch.linalg.slogdet(w["inv_w"])[1]
+    x = torch.linalg.solve(w["inv_w"], (y - w["inv_b"]).transpose(1, 2)).transpose(1, 2)
+    return x, logdet - ld[:, None]
+
+
+def p_depth(dim: int, steps: int) -> int:
+    """Steps of the p flow: ``L`` for a Glow (``dim == 2``), ``L - 1`` for a VFlow."""
+    return steps if dim == 2 else steps - 1
+
+
+class ToyEnsemble:
+    """``E`` toy models of one flow dimensionality ``dim``, trained as one.
+
+    ``members``: ``(steps, seed)`` pairs, stored sorted by p's depth, deepest first
+    (``self.members``; all per-member tensors follow this order). Member ``e`` starts from the
+    weights ``make_model(dim, steps, q_base)`` gets after ``torch.manual_seed(seed)``, draws
+    its data from its own generator seeded ``10_000 + seed`` and VFlow's ``z`` noise from its
+    own copy of the global stream after that initialisation: the draws of
+    :func:`train_single`, so member ``e`` follows the single-model trajectory up to float32
+    rounding. Parameters live in :class:`ParamBlock`\\ s: ``p`` (one slot per p step, with
+    ``n_k`` members in slot ``k``) and, for a VFlow, ``q`` (one slot, all members: q's step,
+    and its Gaussian base with ``q_base`` or ``D_Z = 1``). ``dtype``: as in
+    :func:`train_single`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        members: list[tuple[int, int]],
+        q_base: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.dim, self.q_base, self.dtype = dim, q_base, dtype
+        self.members = sorted(members, key=lambda m: -p_depth(dim, m[0]))
+        depths = [p_depth(dim, steps) for steps, _ in self.members]
+        assert min(depths) >= 1, "every member needs at least one p step"
+        self.slot_sizes = [sum(d > k for d in depths) for k in range(max(depths))]
+        self.p = ParamBlock(
+            [("step", step_fields(dim, 0, dim // 2, True))], self.slot_sizes, dtype, ("inv_w",)
+        )
+        self.dz = dim - 2
+        self.q_layers = []
+        if self.dz >= 1:
+            if self.dz >= 2:
+                self.q_layers.append(("step", step_fields(self.dz, 2, self.dz // 2, True)))
+            if self.dz == 1 or q_base:
+                self.q_layers.append(("base", step_fields(self.dz, 2, 0, False)))
+            self.q = ParamBlock(self.q_layers, [len(self.members)], dtype)
+        self.blocks = [self.p] + ([self.q] if self.dz else [])
+        self.adam_steps = torch.zeros(len(self.members), dtype=torch.float64)
+        self.data_gens, self.noise_gens = [], []
+        for e, (steps, seed) in enumerate(self.members):
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                model = make_model(dim, steps, q_base).to(dtype)
+                self.noise_gens.append(torch.Generator())
+                self.noise_gens[-1].set_state(torch.get_rng_state())
+            self.data_gens.append(torch.Generator().manual_seed(10_000 + seed))
+            self._copy(model, e, into_ensemble=True)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def _layer_pairs(self, model: nn.Module, e: int):
+        """(ensemble views, single-model views) of member ``e``'s layers, one pair per layer."""
+        glow = model if self.dim == 2 else model.p
+        steps = glow.flow.layers
+        for k in range(len(steps) // 3):
+            yield self.p.slots[k]["step"], single_fields(steps[3 * k], steps[3 * k + 1])
+        if self.dz:
+            qs = list(model.q.flow.layers)
+            names = [name for name, _ in self.q_layers]
+            if "step" in names:
+                yield self.q.slots[0]["step"], single_fields(qs[0], qs[1])
+            if "base" in names:
+                yield self.q.slots[0]["base"], single_fields(None, qs[-1])
+
+    @torch.no_grad()
+    def _copy(self, model: nn.Module, e: int, into_ensemble: bool) -> None:
+        for stacked, single in self._layer_pairs(model, e):
+            for name, t in single.items():
+                if into_ensemble:
+                    stacked[name][e].copy_(t)
+                else:
+                    t.copy_(stacked[name][e])
+
+    def member_model(self, e: int) -> nn.Module:
+        """Member ``e`` as a single model (a copy of its current weights), in eval mode."""
+        steps, _ = self.members[e]
+        with torch.random.fork_rng():
+            model = make_model(self.dim, steps, self.q_base).to(self.dtype)
+        self._copy(model, e, into_ensemble=False)
+        return model.eval()
+
+    def log_prob_p(self, x: Tensor) -> Tensor:
+        """``log p(x) = log N(f(x); 0, I) + log|det df/dx|`` of every member's p flow:
+        ``x`` ``(E, B, dim)`` -> ``(E, B)``. Step ``k`` runs on the first ``n_k`` members; the
+        others have finished (sorted by depth) and are set aside."""
+        done = []
+        logdet = x.new_zeros(x.shape[:2])
+        ld_w = torch.linalg.slogdet(self.p.whole["step"]["inv_w"])[1]  # every slot at once
+        for k, n in enumerate(self.slot_sizes):
+            if n < x.shape[0]:
+                done.append(std_normal_logpdf(x[n:]) + logdet[n:])
+                x, logdet = x[:n], logdet[:n]
+            ld = ld_w[self.p.starts[k] : self.p.starts[k] + n]
+            x, logdet = stacked_glow_step(self.p.slots[k]["step"], x, logdet, ld=ld)
+        done.append(std_normal_logpdf(x) + logdet)
+        return torch.cat(done[::-1], dim=0)
+
+    def sample_q(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """Reparameterised ``z = g^{-1}(eps; x)`` with ``eps = noise`` ``(E, B, D_Z)``, given
+        ``x`` ``(E, B, 2)``; returns ``z`` and ``log q(z|x) = log N(eps) - log|det dz/deps|``."""
+        w = self.q.slots[0]
+        z, logdet = noise, noise.new_zeros(noise.shape[:2])
+        if "base" in w:
+            z, ld = stacked_coupling(w["base"], z, x, 0, inverse=True)
+            logdet = logdet + ld
+        if "step" in w:
+            z, logdet = stacked_glow_step_inverse(w["step"], z, logdet, x)
+        return z, std_normal_logpdf(noise) - logdet
+
+    def log_weight(self, x: Tensor, noise: Tensor | None) -> Tensor:
+        """``log p(x, z) - log q(z|x)`` with ``z`` from ``noise`` (VFlow; Eq. 4's integrand) or
+        ``log p(x)`` (Glow, ``noise`` unused): ``x`` ``(E, B, 2)`` -> ``(E, B)``."""
+        if not self.dz:
+            return self.log_prob_p(x)
+        z, log_q = self.sample_q(x, noise)
+        return self.log_prob_p(torch.cat([x, z], dim=-1)) - log_q
+
+    def draw(self, iters: int, batch: int) -> tuple[Tensor, Tensor | None]:
+        """The next ``iters`` training batches of every member, ``(iters, E, batch, 2)``, and
+        their ``z`` noise, ``(iters, E, batch, D_Z)`` (None for a Glow), from the members'
+        own generators."""
+        x = torch.stack([checkerboard_batches(g, iters, batch) for g in self.data_gens], dim=1)
+        x = x.to(self.dtype)
+        if not self.dz:
+            return x, None
+        noise = [normal_batches(g, iters, batch, self.dz, self.dtype) for g in self.noise_gens]
+        return x, torch.stack(noise, dim=1)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float = 100.0) -> Tensor:
+        """Per member, ``torch.nn.utils.clip_grad_norm_``: scale member ``e``'s gradient by
+        ``min(1, max_norm / (||g_e|| + 1e-6))``, ``||g_e||`` the 2-norm over all its
+        parameters (from per-row norms). Returns the norms, ``(E,)``."""
+        sq = torch.zeros(len(self), dtype=self.dtype)
+        for blk in self.blocks:
+            sq.index_add_(0, blk.row_member, torch.linalg.vector_norm(blk.grad, dim=1).square())
+        norm = sq.sqrt()
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for blk in self.blocks:
+            blk.grad.mul_(coef[blk.row_member, None])
+        return norm
+
+    @torch.no_grad()
+    def adam_step_(self, lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        """``torch.optim.Adam`` (defaults, no weight decay) on every member at once, each
+        with its own step count ``t_e``: ``m <- b1 m + (1 - b1) g``,
+        ``v <- b2 v + (1 - b2) g^2``, ``theta <- theta - lr / (1 - b1^t) m /
+        (sqrt(v / (1 - b2^t)) + eps)``.
+
+        While every ``t_e`` is the same (no member has skipped a step) this is ATen's fused
+        CPU Adam kernel, one pass over each flat buffer; otherwise the same update with the
+        bias corrections gathered per row, in plain tensor ops."""
+        b1, b2 = betas
+        self.adam_steps += 1
+        if bool((self.adam_steps == self.adam_steps[0]).all()):
+            step = self.adam_steps[0].float()  # the kernel reads t, it does not count
+            for blk in self.blocks:
+                torch._fused_adam_(
+                    [blk.data], [blk.grad], [blk.exp_avg], [blk.exp_avg_sq], [], [step],
+                    lr=lr, beta1=b1, beta2=b2, weight_decay=0.0, eps=eps,
+                    amsgrad=False, maximize=False,
+                )  # fmt: skip
+            return
+        step_size = (lr / (1 - b1**self.adam_steps)).to(self.dtype)
+        bc2_sqrt = (1 - b2**self.adam_steps).sqrt().to(self.dtype)
+        for blk in self.blocks:
+            rows = blk.row_member
+            blk.exp_avg.lerp_(blk.grad, 1 - b1)
+            blk.exp_avg_sq.mul_(b2).addcmul_(blk.grad, blk.grad, value=1 - b2)
+            denom = (blk.exp_avg_sq.sqrt() / bc2_sqrt[rows, None]).add_(eps)
+            blk.data.addcdiv_(blk.exp_avg * step_size[rows, None], denom, value=-1.0)
+
+    def _snapshot(self, members: Tensor) -> list:
+        """Copies of the rows (weights and Adam state) of ``members`` (a bool mask ``(E,)``)."""
+        out = []
+        for blk in self.blocks:
+            rows = members[blk.row_member]
+            out.append((rows, [t[rows].clone() for t in (blk.data, blk.exp_avg, blk.exp_avg_sq)]))
+        return out
+
+    @torch.no_grad()
+    def _restore(self, snapshot: list, members: Tensor) -> None:
+        for blk, (rows, saved) in zip(self.blocks, snapshot, strict=True):
+            for t, s in zip((blk.data, blk.exp_avg, blk.exp_avg_sq), saved, strict=True):
+                t[rows] = s
+        self.adam_steps[members] -= 1
+
+    def train_step(self, x: Tensor, noise: Tensor | None, lr: float) -> Tensor:
+        """One Adam step of every member on its batch ``x[e]`` (``(E, B, 2)``): loss
+        ``-mean_b ELBO``, backward, per-member clipping at 100 and Adam; a member whose loss is
+        not finite keeps its weights and Adam state (``train_single`` skips the step).
+        Returns the losses, ``(E,)``."""
+        losses = -self.log_weight(x, noise).mean(dim=1)
+        for blk in self.blocks:
+            blk.grad.zero_()
+        losses.sum().backward()
+        self.clip_grad_norm_(100.0)
+        bad = ~torch.isfinite(losses)
+        if bad.any():
+            saved = self._snapshot(bad)
+            self.adam_step_(lr)
+            self._restore(saved, bad)
+        else:
+            self.adam_step_(lr)
+        return losses.detach()
+
+    def train(self, iters: int, lr: float = 1e-3, batch: int = 64, chunk: int = 250) -> Tensor:
+        """``iters`` steps of :meth:`train_step`, drawing the batches ``chunk`` iterations at a
+        time. Returns the losses, ``(iters, E)``."""
+        losses = torch.empty(iters, len(self), dtype=self.dtype)
+        for start in range(0, iters, chunk):
+            n = min(chunk, iters - start)
+            xs, noises = self.draw(n, batch)
+            for i in range(n):
+                losses[start + i] = self.train_step(
+                    xs[i], None if noises is None else noises[i], lr
+                )
+        return losses
+
+    @torch.no_grad()
+    def log_likelihood(
+        self, x: Tensor, samples: int = 100, chunk: int = 500, rows: int = 5000
+    ) -> Tensor:
+        """Every member's per-point test log-likelihood, ``x`` ``(N, 2)`` -> ``(E, N)`` float64:
+        exact for a Glow, Eq. 5 for a VFlow, ``logsumexp_s(w_s) - log S`` over ``S = samples``
+        draws of ``z ~ q(z|x)``, ``w_s = log p(x, z_s) - log q(z_s|x)``. Points go ``chunk`` at a
+        time and the noise is drawn like :func:`log_likelihood` on a single model (continuing
+        each member's stream); the ``S * chunk`` weights are computed ``rows`` at a time."""
+        E, out = len(self), []
+        for xc in x.split(chunk):
+            n = xc.shape[0]
+            if not self.dz:
+                out.append(self.log_prob_p(xc.expand(E, n, 2)).double())
+                continue
+            noise = torch.stack(
+                [
+                    torch.randn(samples * n, self.dz, generator=g, dtype=x.dtype)
+                    for g in self.noise_gens
+                ]
+            )
+            xr = xc.repeat(samples, 1).expand(E, samples * n, 2)
+            w = torch.cat(
+                [
+                    self.log_weight(xr[:, r : r + rows], noise[:, r : r + rows])
+                    for r in range(0, samples * n, rows)
+                ],
+                dim=1,
+            )
+            w = w.view(E, samples, n).double()
+            out.append(torch.logsumexp(w, dim=1) - math.log(samples))
+        return torch.cat(out, dim=1)
+
+    def density_grid(self, e: int, n: int = 128, samples: int = 100) -> Tensor:
+        """:func:`density_grid` of member ``e``, drawing from its noise stream (as
+        :func:`train_and_evaluate` draws from the global one)."""
+        model = self.member_model(e)
+        with torch.random.fork_rng():
+            torch.set_rng_state(self.noise_gens[e].get_state())
+            grid = density_grid(model, n, samples)
+            self.noise_gens[e].set_state(torch.get_rng_state())
+        return grid
