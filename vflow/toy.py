@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -724,7 +725,9 @@ class ToyEnsemble:
         losses = -self.log_weight(x, noise).mean(dim=1)
         for blk in self.blocks:
             blk.grad.zero_()
-        losses.sum().backward()
+        with warnings.catch_warnings():  # our grads are strided views of the flat buffer, so
+            warnings.filterwarnings("ignore", "grad and param do not obey")  # by design
+            losses.sum().backward()
         self.clip_grad_norm_(100.0)
         bad = ~torch.isfinite(losses)
         if bad.any():
