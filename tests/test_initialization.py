@@ -541,6 +541,7 @@ def test_batch_size_one_training_is_finite_and_improves(tmp_path, name, one_thre
     assert res.skipped == 0
     after = probe.measure(res.model)
     assert math.isfinite(probe.before) and math.isfinite(after)
+    assert probe.before < math.log2(17) + 1  # near the uniform 4.09 bits/dim, not ~1e11
     assert after < probe.before - 0.1, (probe.before, after)
     rows = [json.loads(line) for line in open(os.path.join(res.run_dir, "metrics.jsonl"))]
     losses = [r["train_bpd"] for r in rows if r["kind"] == "train"]
