@@ -9,10 +9,12 @@ Models (``vflow.toy``), for flow dimensionality ``D`` and ``L`` transformation s
     one MLP (2 hidden layers of 50 units) giving the shift and bounded log-scale, reversal],
     standard normal base; trained and evaluated by the exact log-likelihood.
   * ``D > 2``: VFlow, ``x`` augmented with ``z`` in ``R^(D-2)``; ``p(x, z)`` a D-dim Glow
-    with ``L - 1`` steps; ``q(z|x)`` a conditional Glow with one step (coupling nets see
-    ``x``) on top of a conditional Gaussian base with ``mu(x)``, ``log sigma(x)``. Trained
-    by the reparameterised ELBO ``E_q[log p(x, z) - log q(z|x)]``; evaluated with 100-sample
-    importance sampling ``logsumexp_s(log p(x, z_s) - log q(z_s|x)) - log 100`` (Eq. 5).
+    with ``L - 1`` steps; ``q(z|x)`` a conditional Glow with exactly one step (coupling nets
+    see ``x``) and a standard normal base, as in the paper; ``--q-base`` adds a conditional
+    Gaussian base ``N(mu(x), sigma(x))`` after it (one more MLP, +3,516 parameters at
+    D = 10). Trained by the reparameterised ELBO ``E_q[log p(x, z) - log q(z|x)]``;
+    evaluated with 100-sample importance sampling ``logsumexp_s(log p(x, z_s) - log q(z_s|x))
+    - log 100`` (Eq. 5).
 Adam with batch 64 for every run.
 
 Grid: D in {2, 4, 6, 8, 10} x L in {2, 3, 4, 5, 10, 15, 20}, over ``--seeds`` seeds.
@@ -22,23 +24,25 @@ ll_std, iters, seeds), ``runs.csv`` (one row per run), ``ll_vs_params.png`` (Fig
 models titled with their test log-likelihood; the VFlow density importance-sampled), the
 same panels one per file (``density_data.png``, ``density_D{D}_L{L}.png``).
 
-Timing (CPU seconds of one process with 1 torch thread, measured on a busy 2-core machine):
-training costs about 0.84 L + 0.7 s per 1,000 iterations for Glow and 0.84 L + 1.9 s for
-VFlow; one (D=10, L=20) run takes 18.7 s per 1,000 iterations plus 2.3 s of evaluation,
-a (D=10, L=3) run 3.3 s, a (D=2, L=3) run 2.9 s. One seed of the whole 35-point grid costs
-about 306 core-seconds per 1,000 iterations. The paper's budget (100,000 iterations x 5
-seeds) would take about 21 hours on 2 cores, so the default full mode is
-``--iters 15000 --seeds 2``: estimated at 9,300 core-seconds; the measured full run took
-6,858 CPU-seconds of training and 68 minutes of wall time with ``--workers 2`` on the
-development machine's 2 cores (longer when they are shared). Iterations are
-favoured over seeds because VFlow overtakes Glow only after ~10,000 iterations: one seed of
-the 3-step models gave Glow / 10-dim VFlow -3.96 / -4.03 at 4,000 iterations, -3.96 / -3.91
-at 8,000, -3.94 / -3.83 at 12,000 and -3.91 / -3.75 at 20,000 (Glow plateaus, VFlow keeps
-improving); ``--iters 10000 --seeds 3`` costs the same. ``--quick`` trains D in {2, 10} x
-L in {3, 20} for 400 iterations with 1 seed (about 30 CPU-seconds: well under a minute on
-idle cores, a few minutes on a busy machine). The default learning rate 1e-3 is the one
-that trains the 20-step models best in short runs (3e-3 helps the 3-step VFlow but hurts
-the 20-step Glow).
+Trainers. ``--trainer ensemble`` (the default) trains every (L, seed) of one D at once with
+``vflow.toy.ToyEnsemble``: weights stacked along a leading ensemble dimension, batched matrix
+products, each member with its own data and noise streams, so that each member follows the
+one-model loop (``--trainer single``, ``vflow.toy.train_single``) up to float32 rounding
+(tested). A D's members form one job, or two halves by seed when that shortens the
+schedule on ``--workers`` processes (``plan_jobs``); each job runs on one torch thread.
+
+Speed. Unless ``--speed-iters 0``, the run first times, in this process and alternating
+over ``--speed-rounds`` rounds, ``--speed-iters`` iterations of each job's ensemble and of
+the one-model loop on one seed of every cell (the cost of a model-iteration does not depend
+on the seed), with ``time.process_time``; it prints the CPU-seconds per model-iteration of
+both trainers, their ratio, and the wall time the grid would take at ``--iters`` and at the
+paper's 100,000 iterations on ``--workers`` processes (the measured cost per iteration of
+each job, scheduled longest first). ``--speed-only`` stops there.
+
+The learning rate is Adam's 1e-3 for every model (the paper gives none; 1e-3 trained the
+20-step models best in short runs, 3e-3 helped the 3-step VFlow but hurt the 20-step Glow).
+``--quick`` trains D in {2, 10} x L in {3, 20} for 400 iterations with 1 seed (about a
+minute with the speed measurement).
 """
 
 from __future__ import annotations
@@ -51,19 +55,28 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import mean_std, run_parallel, write_csv  # noqa: E402
 
-from vflow.toy import checkerboard_density, train_and_evaluate  # noqa: E402
+from vflow.toy import (  # noqa: E402
+    ToyEnsemble,
+    checkerboard_density,
+    train_and_evaluate,
+    train_ensemble,
+    train_single,
+)
 
 OPTIMUM = -math.log(32)
+PAPER_ITERS = 100_000
 # Paper section 5 (nats, mean +- std over 5 seeds, 100,000 iterations).
 PAPER = {(10, 3): (-3.51, 0.01), (2, 3): (-3.67, 0.03), (2, 20): (-3.54, 0.05)}
 # Fig. 2 panels: (D, L, title).
 DENSITY_MODELS = [(2, 3, "3-step Glow"), (10, 3, "3-step 10-dim VFlow"), (2, 20, "20-step Glow")]
+DENSITY_CELLS = {(d, l) for d, l, _ in DENSITY_MODELS}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,29 +86,158 @@ def parse_args(argv=None) -> argparse.Namespace:
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     ap.add_argument("--dims", type=ints, default=[2, 4, 6, 8, 10], help="flow dims D, e.g. 2,10")
     ap.add_argument("--steps", type=ints, default=[2, 3, 4, 5, 10, 15, 20], help="steps L")
-    ap.add_argument("--iters", type=int, default=15_000, help="Adam steps (paper: 100000)")
-    ap.add_argument("--seeds", type=int, default=2, help="seeds per (D, L) (paper: 5)")
+    ap.add_argument("--iters", type=int, default=PAPER_ITERS, help="Adam steps (paper: 100000)")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds per (D, L) (paper: 5)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--samples", type=int, default=100, help="importance samples (Eq. 5)")
     ap.add_argument("--density-px", type=int, default=128, help="density image resolution")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", type=Path, default=Path("results/toy_checkerboard"))
+    ap.add_argument("--trainer", choices=["ensemble", "single"], default="ensemble")
+    ap.add_argument("--q-base", action="store_true", help="q(z|x) with a conditional Gaussian base")
+    ap.add_argument("--speed-iters", type=int, default=100, help="iterations timed per trainer")
+    ap.add_argument("--speed-rounds", type=int, default=2, help="alternating timing rounds")
+    ap.add_argument("--speed-only", action="store_true", help="time the trainers, then stop")
     ap.add_argument("--quick", action="store_true", help="D 2,10 x L 3,20, 400 iters, 1 seed")
     args = ap.parse_args(argv)
     if args.quick:
         args.dims, args.steps, args.iters, args.seeds = [2, 10], [3, 20], 400, 1
+        args.speed_iters, args.speed_rounds = 20, 1
     bad = [(d, l) for d in args.dims for l in args.steps if d < 2 or (d > 2 and l < 2) or l < 1]
     if bad:
         ap.error(f"invalid (D, L) pairs: {bad} (need D >= 2, L >= 1, and L >= 2 for VFlow)")
     return args
 
 
-def run_all(jobs: list[dict], workers: int) -> list[dict]:
-    """Run ``train_and_evaluate(**job)`` for every job, longest first, in ``workers``
-    processes (each with one torch thread); in this process when ``workers == 1``."""
-    jobs = sorted(jobs, key=lambda j: -(j["steps"] + (j["dim"] > 2)))
-    return run_parallel(train_and_evaluate, jobs, workers)
+def lpt_makespan(costs: list[float], workers: int) -> float:
+    """Wall time of ``costs`` run longest first on ``workers`` processes, each job going to the
+    first free one (what ``run_parallel`` does with jobs submitted longest first)."""
+    loads = [0.0] * max(workers, 1)
+    for c in sorted(costs, reverse=True):
+        loads[loads.index(min(loads))] += c
+    return max(loads)
+
+
+def job_cost(dim: int, members: list[tuple[int, int]]) -> float:
+    """Relative cost of one ensemble iteration: a share per member-step (the batched products)
+    plus a fixed share for the per-op overhead of the deepest member, which sets the number of
+    ops (measured on the development machine: an iteration of 7 members costs as much as ~16
+    members' compute)."""
+    return sum(steps for steps, _ in members) + 4 * max(steps for steps, _ in members)
+
+
+def plan_jobs(dims, steps, seeds: int, workers: int) -> list[tuple[int, list]]:
+    """One ensemble job per D, ``[(dim, [(steps, seed), ...])]``; then, while it shortens the
+    schedule on ``workers`` processes (:func:`lpt_makespan` of :func:`job_cost`), the largest
+    job that has more than one seed is split into two by seed."""
+    jobs = [(d, [(l, s) for l in steps for s in range(seeds)]) for d in dims]
+    while True:
+        costs = [job_cost(*j) for j in jobs]
+        order = sorted(range(len(jobs)), key=lambda i: -costs[i])
+        i = next((i for i in order if len({s for _, s in jobs[i][1]}) > 1), None)
+        if i is None:
+            return jobs
+        d, members = jobs[i]
+        ids = sorted({s for _, s in members})
+        low = set(ids[: (len(ids) + 1) // 2])
+        halves = [
+            (d, [m for m in members if m[1] in low]),
+            (d, [m for m in members if m[1] not in low]),
+        ]
+        trial = jobs[:i] + halves + jobs[i + 1 :]
+        if lpt_makespan([job_cost(*j) for j in trial], workers) >= lpt_makespan(costs, workers):
+            return jobs
+        jobs = trial
+
+
+def run_all(args: argparse.Namespace) -> list[dict]:
+    """Train and evaluate every (D, L, seed) of the grid with ``args.trainer``, jobs longest
+    first in ``args.workers`` processes (each with one torch thread); in this process when
+    ``args.workers == 1``. Returns one dict per run (``train_and_evaluate``'s keys)."""
+    common = dict(iters=args.iters, lr=args.lr, batch=args.batch, samples=args.samples)
+    common.update(density_px=args.density_px, q_base=args.q_base)
+    if args.trainer == "single":
+        jobs = [
+            dict(dim=d, steps=l, seed=s, density=(s == 0 and (d, l) in DENSITY_CELLS), **common)
+            for d in args.dims
+            for l in args.steps
+            for s in range(args.seeds)
+        ]
+        jobs.sort(key=lambda j: -(j["steps"] + (j["dim"] > 2)))
+        return run_parallel(train_and_evaluate, jobs, args.workers)
+    plan = plan_jobs(args.dims, args.steps, args.seeds, args.workers)
+    plan.sort(key=lambda j: -job_cost(*j))
+    jobs = [
+        dict(
+            dim=d,
+            members=m,
+            density=[(l, 0) for l in args.steps if (d, l) in DENSITY_CELLS],
+            **common,
+        )
+        for d, m in plan
+    ]
+    return [run for out in run_parallel(train_ensemble, jobs, args.workers) for run in out["runs"]]
+
+
+def _cpu(fn, *a, **kw) -> float:
+    """CPU seconds (this process) of ``fn(*a, **kw)``."""
+    c0 = time.process_time()
+    fn(*a, **kw)
+    return time.process_time() - c0
+
+
+def measure_speed(args: argparse.Namespace) -> dict:
+    """CPU-seconds per model-iteration of the ensemble trainer (every job of the plan, all its
+    members) and of the one-model loop (one seed per cell), ``args.speed_iters`` iterations
+    each, alternating over ``args.speed_rounds`` rounds in this process on one thread; and the
+    grid's wall time on ``args.workers`` processes predicted from the jobs' measured costs."""
+    torch.set_num_threads(1)
+    plan = plan_jobs(args.dims, args.steps, args.seeds, args.workers)
+    ensembles = [ToyEnsemble(d, m, q_base=args.q_base) for d, m in plan]
+    cells = [(d, l) for d in args.dims for l in args.steps]
+    n = args.speed_iters
+    ens_cpu, single_cpu = [0.0] * len(plan), {c: 0.0 for c in cells}
+    for _ in range(args.speed_rounds):
+        for j, ens in enumerate(ensembles):
+            ens_cpu[j] += _cpu(ens.train, n, args.lr, args.batch)
+        for d, l in cells:
+            single_cpu[(d, l)] += _cpu(train_single, d, l, 0, n, args.lr, args.batch, args.q_base)
+    rounds_iters = n * args.speed_rounds
+    per_iter = [c / rounds_iters for c in ens_cpu]  # CPU-s per ensemble iteration, per job
+    ens_mi = sum(ens_cpu) / (rounds_iters * sum(len(e) for e in ensembles))
+    single_mi = sum(single_cpu.values()) / (rounds_iters * len(cells))
+    out = {"jobs": [(d, len(m)) for d, m in plan], "ensemble": ens_mi, "single": single_mi}
+    out["per_dim"] = {
+        d: (
+            sum(c for (dd, _), c in zip(plan, ens_cpu, strict=True) if dd == d)
+            / (rounds_iters * sum(len(m) for dd, m in plan if dd == d)),
+            sum(single_cpu[(d, l)] for l in args.steps) / (rounds_iters * len(args.steps)),
+        )
+        for d in args.dims
+    }
+    for iters in sorted({args.iters, PAPER_ITERS}):
+        out[f"wall_{iters}"] = lpt_makespan([t * iters for t in per_iter], args.workers)
+        out[f"cpu_{iters}"] = sum(per_iter) * iters
+    return out
+
+
+def print_speed(sp: dict, args: argparse.Namespace) -> None:
+    print(
+        f"\nspeed ({args.speed_rounds} x {args.speed_iters} iterations per trainer, CPU-seconds "
+        f"per model-iteration, 1 thread); ensemble jobs (D, E): {sp['jobs']}"
+    )
+    print(f"{'D':>3} {'ensemble':>10} {'one-model':>10} {'ratio':>7}")
+    for d, (e, s1) in sp["per_dim"].items():
+        print(f"{d:>3} {e * 1e3:>8.3f}ms {s1 * 1e3:>8.3f}ms {s1 / e:>6.1f}x")
+    e, s1 = sp["ensemble"], sp["single"]
+    print(f"all {e * 1e3:>8.3f}ms {s1 * 1e3:>8.3f}ms {s1 / e:>6.1f}x")
+    for iters in sorted({args.iters, PAPER_ITERS}):
+        print(
+            f"predicted training time of the grid at {iters} iterations x {args.seeds} seeds: "
+            f"{sp[f'cpu_{iters}']:.0f} CPU-s, wall {sp[f'wall_{iters}'] / 60:.1f} min on "
+            f"{args.workers} workers (measured costs on this machine now)"
+        )
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -162,8 +304,6 @@ def plot_densities(panels: list[tuple[str, np.ndarray, str]], out: Path) -> None
 
 
 def true_density(n: int) -> np.ndarray:
-    import torch
-
     c = (torch.arange(n, dtype=torch.float32) + 0.5) / n * 8 - 4
     x2, x1 = torch.meshgrid(c, c, indexing="ij")
     pts = torch.stack([x1.reshape(-1), x2.reshape(-1)], dim=1)
@@ -173,24 +313,12 @@ def true_density(n: int) -> np.ndarray:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    jobs = [
-        dict(
-            dim=d,
-            steps=l,
-            seed=s,
-            iters=args.iters,
-            lr=args.lr,
-            batch=args.batch,
-            samples=args.samples,
-            density=(s == 0 and any((d, l) == m[:2] for m in DENSITY_MODELS)),
-            density_px=args.density_px,
-        )
-        for d in args.dims
-        for l in args.steps
-        for s in range(args.seeds)
-    ]
+    if args.speed_iters > 0:
+        print_speed(measure_speed(args), args)
+        if args.speed_only:
+            return []
     t0 = time.perf_counter()
-    runs = run_all(jobs, args.workers)
+    runs = run_all(args)
     wall = time.perf_counter() - t0
     rows = summarise(runs)
     write_csv(args.out / "results.csv", rows)
@@ -207,8 +335,8 @@ def main(argv=None) -> list[dict]:
 
     cpu = sum(r["train_cpu_s"] for r in runs)
     print(
-        f"\n{len(runs)} runs, {args.iters} iterations each, wall {wall:.0f} s, "
-        f"training CPU {cpu:.0f} s; out: {args.out}"
+        f"\n{len(runs)} runs ({args.trainer} trainer), {args.iters} iterations each: grid wall "
+        f"time {wall:.0f} s on {args.workers} workers, training CPU {cpu:.0f} s; out: {args.out}"
     )
     print(f"{'D':>3} {'L':>3} {'params':>7} {'test ll (nats)':>17} {'paper':>14}")
     for r in rows:

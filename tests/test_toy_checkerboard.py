@@ -128,11 +128,12 @@ def test_short_training_improves_the_likelihood():
     assert after > before + 0.3
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_quick_run_writes_outputs(tmp_path, workers):
+@pytest.mark.parametrize("workers,trainer", [(1, "single"), (2, "ensemble"), (1, "ensemble")])
+def test_quick_run_writes_outputs(tmp_path, workers, trainer, capsys):
     script = load_script()
     args = ["--dims", "2,10", "--steps", "3", "--iters", "40", "--seeds", "2"]
     args += ["--samples", "8", "--density-px", "24", "--workers", str(workers)]
+    args += ["--trainer", trainer, "--speed-iters", "3", "--speed-rounds", "1"]
     rows = script.main(args + ["--out", str(tmp_path)])
     with open(tmp_path / "results.csv") as f:
         table = list(csv.DictReader(f))
@@ -151,6 +152,23 @@ def test_quick_run_writes_outputs(tmp_path, workers):
         img = mpimg.imread(tmp_path / f"{name}.png")
         assert img.ndim == 3 and img.shape[0] >= 24 and img.std() > 0, name
     assert not (tmp_path / "density_D2_L20.png").exists()  # not in this grid
+    printed = capsys.readouterr().out
+    assert "ratio" in printed and "predicted training time of the grid at 100000" in printed
+    assert f"runs ({trainer} trainer)" in printed
+
+
+def test_job_plan_covers_the_grid_once_and_balances_the_workers():
+    script = load_script()
+    dims, steps = [2, 4, 6, 8, 10], [2, 3, 4, 5, 10, 15, 20]
+    for workers in (1, 2, 3):
+        plan = script.plan_jobs(dims, steps, 5, workers)
+        got = sorted((d, l, s) for d, members in plan for l, s in members)
+        assert got == sorted((d, l, s) for d in dims for l in steps for s in range(5))
+        one_per_dim = [script.job_cost(d, [(l, s) for l in steps for s in range(5)]) for d in dims]
+        costs = [script.job_cost(*j) for j in plan]
+        assert script.lpt_makespan(costs, workers) <= script.lpt_makespan(one_per_dim, workers)
+    assert len(script.plan_jobs(dims, steps, 5, 1)) == 5  # one process: no split pays
+    assert script.lpt_makespan([4, 3, 3], 2) == 6 and script.lpt_makespan([1, 1, 1, 1], 3) == 2
 
 
 def test_summary_uses_the_sample_std_over_seeds():

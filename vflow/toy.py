@@ -793,3 +793,54 @@ class ToyEnsemble:
             grid = density_grid(model, n, samples)
             self.noise_gens[e].set_state(torch.get_rng_state())
         return grid
+
+
+def train_ensemble(
+    dim: int,
+    members: list[tuple[int, int]],
+    iters: int,
+    lr: float = 1e-3,
+    batch: int = 64,
+    samples: int = 100,
+    density: tuple = (),
+    density_px: int = 128,
+    threads: int | None = 1,
+    q_base: bool = False,
+) -> dict:
+    """:func:`train_and_evaluate` for every ``(steps, seed)`` of ``members`` (one ``dim``) at
+    once with a :class:`ToyEnsemble`; ``density`` lists the ``(steps, seed)`` members whose
+    density grid to compute. Returns ``{"runs": [one dict per member, the keys of
+    train_and_evaluate; train_s / train_cpu_s are the ensemble's times divided by E],
+    "dims", "members", "train_s", "train_cpu_s", "eval_cpu_s"}``."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    ens = ToyEnsemble(dim, list(members), q_base=q_base)
+    t0, c0 = time.perf_counter(), time.process_time()
+    losses = ens.train(iters, lr, batch)
+    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    ll = ens.log_likelihood(fixed_test_set(), samples).mean(dim=1)
+    eval_cpu_s = time.process_time() - c0 - train_cpu_s
+    runs = []
+    for e, (steps, seed) in enumerate(ens.members):
+        run = {
+            "dims": dim,
+            "steps": steps,
+            "seed": seed,
+            "iters": iters,
+            "params": n_params(ens.member_model(e)),
+            "test_ll": float(ll[e]),
+            "train_s": train_s / len(ens),
+            "train_cpu_s": train_cpu_s / len(ens),
+            "skipped": int((~torch.isfinite(losses[:, e])).sum()),
+        }
+        if (steps, seed) in set(map(tuple, density)):
+            run["density"] = ens.density_grid(e, density_px, samples).numpy()
+        runs.append(run)
+    return {
+        "runs": runs,
+        "dims": dim,
+        "members": len(ens),
+        "train_s": train_s,
+        "train_cpu_s": train_cpu_s,
+        "eval_cpu_s": eval_cpu_s,
+    }
