@@ -7,9 +7,14 @@ machines drift by 2x between runs: compare ratios within a run). Modes:
 
 * forward: y, logdet = coupling(x, params)
 * fwdbwd: forward + backward of loss = <y, gy> + <logdet, gl> w.r.t. x and params
-* inverse: fused Newton inverse (``method="newton"``, at most 50 iterations) against the
-  eager 60-step bisection (the reference solver with newton=False, max_iters=60); the error
-  column is the reconstruction error max |x_hat - x| against the x that produced y
+* inverse: the fused safeguarded Newton inverse (``method="newton"``, default budget) and the
+  fused bisection (``-bisect`` rows) against the eager 60-step bisection (the reference
+  solver with newton=False, max_iters=60). The error column is the MAX reconstruction error
+  |x_hat - x| over the whole tensor against the x that produced y; ``y err`` is the MAX
+  backward error |forward64(x_hat) - y| / max(1, |y|) (what a correct inverse can always
+  reach, also where dy/dx is tiny and x itself is ill-determined). The iteration statistics
+  of the Newton solver (mean, max, and the mean over blocks of 16 lanes of the block's max,
+  which is what the CPU kernel pays) come from the reference run of the same algorithm.
 * checkerboard: full-image checkerboard coupling; eager = split -> transform -> merge
 
 Times are medians of torch.utils.benchmark.Timer.blocked_autorange on CPU and of
@@ -106,14 +111,14 @@ def fused_checker(backend):
     return lambda x, p: _RawFused.apply(x, p, 1, 0)
 
 
-def fused_inverse(backend):
+def fused_inverse(backend, method="newton"):
     if OPS is not None:
         return lambda y, p: OPS.mixlogistic_coupling_inverse(
-            y, p, smooth=SMOOTH, method="newton", backend=backend
+            y, p, smooth=SMOOTH, method=method, backend=backend
         )
     import vflow._C as C
 
-    return lambda y, p: C.coupling_inv(y, p, SMOOTH, 0, 0, 50, True)
+    return lambda y, p: C.coupling_inv(y, p, SMOOTH, 0, 0, 100, method == "newton")
 
 
 def eager_forward(x, p):
@@ -255,9 +260,10 @@ def bench_mode(mode, shape, providers, device, dtype, min_run_time):
             with torch.no_grad():
                 x_hat = call()[0]
                 err = (x_hat.double() - x64).abs().max().item()
+                y_err = inverse_backward_error(x_hat, y, p)
                 ms = time_ms(call, device, min_run_time)
                 mem = peak_extra_bytes(call, device)
-            rows.append(dict(provider=name, ms=ms, err=err, peak_extra_bytes=mem))
+            rows.append(dict(provider=name, ms=ms, err=err, y_err=y_err, peak_extra_bytes=mem))
     base = {r["provider"]: r["ms"] for r in rows}
     for r in rows:
         r["speedup_vs_eager"] = base["eager"] / r["ms"] if "eager" in base else None
@@ -265,7 +271,27 @@ def bench_mode(mode, shape, providers, device, dtype, min_run_time):
         r["extra_over_input"] = (
             r["peak_extra_bytes"] / input_bytes if r["peak_extra_bytes"] is not None else None
         )
-    return dict(mode=mode, floor_ms=floor, input_bytes=input_bytes, rows=rows)
+    case = dict(mode=mode, floor_ms=floor, input_bytes=input_bytes, rows=rows)
+    if mode == "inverse":
+        case["newton_iterations"] = newton_iteration_stats(y, p)
+    return case
+
+
+def inverse_backward_error(x_hat, y, p):
+    """max |forward64(x_hat) - y| / max(1, |y|) over the tensor."""
+    y_back = R.mixlogistic_elementwise(x_hat.double(), p.double(), SMOOTH)[0]
+    return ((y_back - y.double()).abs() / y.double().abs().clamp(min=1)).max().item()
+
+
+def newton_iteration_stats(y, p, lanes=16):
+    """Iterations of the safeguarded Newton solver per element (reference run, same
+    algorithm and dtype as the fused kernels): mean, max, and the mean of the max over
+    consecutive blocks of ``lanes`` elements (the CPU kernel's per-block early exit)."""
+    with torch.no_grad():
+        _, iters = R.solve_inverse(y.cpu(), p.cpu(), SMOOTH, OPS.DEFAULT_MAX_ITERS["newton"], True)
+    flat = iters.movedim(0, -1).reshape(-1).double()  # positions of one sample are contiguous
+    blocks = flat[: flat.numel() // lanes * lanes].view(-1, lanes).amax(1)
+    return dict(mean=flat.mean().item(), max=flat.max().item(), block_max_mean=blocks.mean().item())
 
 
 def providers_for(mode, device, use_compile):
@@ -292,10 +318,11 @@ def providers_for(mode, device, use_compile):
         "checkerboard": fused_checker,
         "inverse": fused_inverse,
     }[mode]
-    if _cpp_available(device):
-        prov["cpp"] = fused("cpp")
-    if _triton_available(device):
-        prov["triton"] = fused("triton")
+    for backend, usable in (("cpp", _cpp_available), ("triton", _triton_available)):
+        if usable(device):
+            prov[backend] = fused(backend)
+            if mode == "inverse":
+                prov[f"{backend}-bisect"] = fused(backend, method="bisection")
     return prov
 
 
@@ -350,7 +377,7 @@ def main(argv=None):
         f" torch={torch.__version__} kernels={results['meta']['isa']}"
     )
     hdr = (
-        f"{'shape':<11}{'mode':<13}{'provider':<9}{'ms':>10}{'x eager':>9}{'x compile':>10}"
+        f"{'shape':<11}{'mode':<13}{'provider':<13}{'ms':>10}{'x eager':>9}{'x compile':>10}"
         f"{'max err':>10}{'extra/in':>9}{'floor ms':>9}"
     )
     print(hdr)
@@ -372,9 +399,16 @@ def main(argv=None):
                 se = f"{r['speedup_vs_eager']:.2f}" if r["speedup_vs_eager"] else "-"
                 sc = f"{r['speedup_vs_compile']:.2f}" if r["speedup_vs_compile"] else "-"
                 eo = f"{r['extra_over_input']:.2f}" if r["extra_over_input"] is not None else "-"
+                ye = f"  y err {r['y_err']:.1e}" if "y_err" in r else ""
                 print(
-                    f"{sname:<11}{mode:<13}{r['provider']:<9}{r['ms']:>10.3f}{se:>9}{sc:>10}"
-                    f"{r['err']:>10.1e}{eo:>9}{case['floor_ms']:>9.3f}"
+                    f"{sname:<11}{mode:<13}{r['provider']:<13}{r['ms']:>10.3f}{se:>9}{sc:>10}"
+                    f"{r['err']:>10.1e}{eo:>9}{case['floor_ms']:>9.3f}{ye}"
+                )
+            if "newton_iterations" in case:
+                it = case["newton_iterations"]
+                print(
+                    f"{sname:<11}{mode:<13}Newton iterations: mean {it['mean']:.2f}, "
+                    f"max {it['max']:.0f}, mean of 16-lane block max {it['block_max_mean']:.2f}"
                 )
             sys.stdout.flush()
     if args.json:

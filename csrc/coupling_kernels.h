@@ -15,6 +15,7 @@
 // and get compiled into every ISA entry point there.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "simd_math.h"
@@ -412,7 +413,7 @@ VF_INLINE void bwd_task(const KArgs& a, int64_t task, void* vbuf) {
 }
 
 // ------------------------------------------------------------------------------------
-// inverse: bracketed Newton (or bisection) on g(x) = logit F(x) - L, per lane early exit
+// inverse: safeguarded Newton (or bisection) on g(x) = logit F(x) - L, per block early exit
 
 template <typename T>
 VF_INLINE void inv_task(const KArgs& a, int64_t task, void* vbuf) {
@@ -463,38 +464,51 @@ VF_INLINE void inv_task(const KArgs& a, int64_t task, void* vbuf) {
       lo = vmin(lo, cand);
       hi = vmax(hi, cand);
     }
+    // Safeguarded Newton ("rtsafe") or bisection on g(x) = logit F(x) - target, the same
+    // algorithm as vflow/reference.py solve_inverse (see there for the rules and the bound).
     V x = T(0.5) * (lo + hi);
+    V step_prev = hi - lo, step_prev2 = hi - lo;
     // invalid (padding) lanes start done
     alignas(64) typename TR::IS dinit[W];
     for (int i = 0; i < W; ++i) dinit[i] = i < L.nv ? 0 : -1;
     I done;
     __builtin_memcpy(&done, dinit, sizeof(done));
     V lse_pi = zero;
+    const V one = vset<T>(T(1));
     for (int it = 0; it < a.max_iters; ++it) {
       Mix<T> m;
       mixture<T, false>(pb, N, K, L, x, buf, m, it == 0);
       if (it == 0) lse_pi = m.Mpi + vlog<T>(m.Spi);
-      const V lF = m.Ma + vlog<T>(m.SA);
-      const V lS = m.Mb + vlog<T>(m.SB);
+      const V lF = m.Ma + vlog<T>(m.SA) - lse_pi;  // log F
+      const V lS = m.Mb + vlog<T>(m.SB) - lse_pi;  // log(1 - F)
       const V g = lF - lS - target;
+      // |g| at the noise floor of its evaluation: x is a root to working precision; keep it
+      const V noise = T(8 * TR::EPS) * (vabs(lF) + vabs(lS) + vabs(target) + one);
+      const I at_root = vabs(g) <= noise;
       const I above = g > zero;
       const V hin = above ? x : hi;
       const V lon = above ? lo : x;
-      const V mid = T(0.5) * (lon + hin);
-      V xn = mid;
+      V xn = T(0.5) * (lon + hin);
       if (a.newton) {
-        const V lf = m.Mc + vlog<T>(m.SC);
-        const V xnt = x - g * vexp<T>(lF + lS - lf - lse_pi);
-        xn = (xnt >= lon) & (xnt <= hin) ? xnt : mid;
+        const V lf = m.Mc + vlog<T>(m.SC) - lse_pi;  // log f
+        const V xnt = x - g * vexp<T>(lF + lS - lf);  // g / g', g' = f / (F (1 - F))
+        // Newton only while bisection from the new bracket could still finish in time:
+        // width / 2^(left - 1) <= 2 eps max(1, min |x| over the bracket)
+        const V width = hin - lon;
+        const V mag = lon > zero ? lon : (hin < zero ? -hin : zero);
+        const V mag1 = mag > one ? mag : one;
+        const T pow2 = (T)std::ldexp(1.0, -(a.max_iters - it - 1));
+        const I take = (xnt > lon) & (xnt < hin) & (vabs(xnt - x) <= T(0.5) * step_prev2) &
+                       (width * pow2 <= T(2 * TR::EPS) * mag1);
+        xn = take ? xnt : xn;
       }
+      xn = at_root ? x : xn;
+      const V step = vabs(xn - x);
       const V ax = vabs(x);
-      const V scale = ax > T(1) ? ax : vset<T>(T(1));
-      // |g| at the noise floor of its evaluation: x is a root to working precision (Newton
-      // still takes its last, already tiny step; bisection keeps x)
-      const V noise = T(8 * TR::EPS) * (vabs(lF) + vabs(lS) + vabs(target) + T(1));
-      const I at_root = vabs(g) <= noise;
-      if (!a.newton) xn = at_root ? x : xn;
-      const I conv = at_root | (vabs(xn - x) <= T(2 * TR::EPS) * scale) | (x != x);
+      const V scale = ax > one ? ax : one;
+      const I conv = at_root | (step <= T(2 * TR::EPS) * scale) | (x != x);
+      step_prev2 = done ? step_prev2 : step_prev;
+      step_prev = done ? step_prev : step;
       x = done ? x : xn;
       lo = done ? lo : lon;
       hi = done ? hi : hin;

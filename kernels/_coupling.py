@@ -320,34 +320,58 @@ def _inv_kernel(y_ptr, p_ptr, x_ptr, part_ptr, B, N, K, H, W, parity, stride_xb,
         hi = tl.maximum(hi, cand)
         m_z, s_z = _lse_push(m_z, s_z, pi)
     log_z = m_z + tl.log(s_z)
+    # Safeguarded Newton ("rtsafe") or bisection, the same algorithm as vflow/reference.py
+    # solve_inverse (see there for the rules and the bound); per-element masks, no host sync.
+    # The loop body is skipped once every element of the tile has converged.
     x = 0.5 * (lo + hi)
-
-    # Fixed number of safeguarded Newton / bisection steps, per-element masks only.
-    for _ in range(max_iters):
-        m_c, s_c = ninf, zero
-        m_s, s_s = ninf, zero
-        m_f, s_f = ninf, zero
-        for k in range(K):
-            pi, mu, ls, s, inv_s, t, e, lsp, lsn = _component(
-                x, pbase + (2 + k) * N, pbase + (2 + K + k) * N, pbase + (2 + 2 * K + k) * N,
-                mask)
-            m_c, s_c = _lse_push(m_c, s_c, pi + lsp)
-            m_s, s_s = _lse_push(m_s, s_s, pi + lsn)
+    step_prev = hi - lo
+    step_prev2 = hi - lo
+    done = mask == 0  # padding lanes start done
+    active = tl.sum(tl.where(done, 0, 1))
+    for it in range(max_iters):
+        if active > 0:
+            m_c, s_c = ninf, zero
+            m_s, s_s = ninf, zero
+            m_f, s_f = ninf, zero
+            for k in range(K):
+                pi, mu, ls, s, inv_s, t, e, lsp, lsn = _component(
+                    x, pbase + (2 + k) * N, pbase + (2 + K + k) * N,
+                    pbase + (2 + 2 * K + k) * N, mask)
+                m_c, s_c = _lse_push(m_c, s_c, pi + lsp)
+                m_s, s_s = _lse_push(m_s, s_s, pi + lsn)
+                if NEWTON:
+                    m_f, s_f = _lse_push(m_f, s_f, pi + lsp + lsn - s)
+            lse_c = m_c + tl.log(s_c) - log_z  # log F
+            lse_s = m_s + tl.log(s_s) - log_z  # log(1 - F)
+            g = lse_c - lse_s - target
+            noise = _c(8.0 * TINY, g) * (tl.abs(lse_c) + tl.abs(lse_s) + tl.abs(target) + 1.0)
+            at_root = tl.abs(g) <= noise
+            above = g > 0.0
+            new_hi = tl.where(above, x, hi)
+            new_lo = tl.where(above, lo, x)
+            x_new = 0.5 * (new_lo + new_hi)
             if NEWTON:
-                m_f, s_f = _lse_push(m_f, s_f, pi + lsp + lsn - s)
-        lse_c = m_c + tl.log(s_c)
-        lse_s = m_s + tl.log(s_s)
-        g = lse_c - lse_s - target  # logit(F(x)) - target; log Z cancels
-        above = g > 0.0
-        hi = tl.where(above, x, hi)
-        lo = tl.where(above, lo, x)
-        mid = 0.5 * (lo + hi)
-        if NEWTON:
-            lse_f = m_f + tl.log(s_f)
-            x_new = x - g * tl.exp(lse_c + lse_s - lse_f - log_z)
-            x = tl.where((x_new >= lo) & (x_new <= hi), x_new, mid)
-        else:
-            x = mid
+                lse_f = m_f + tl.log(s_f) - log_z  # log f
+                x_newton = x - g * tl.exp(lse_c + lse_s - lse_f)  # g / g'
+                # Newton only while bisection could still finish in the iterations left
+                mag = tl.where(new_lo > 0.0, new_lo, tl.where(new_hi < 0.0, -new_hi, 0.0))
+                mag = tl.maximum(mag, 1.0)
+                left = (max_iters - it - 1).to(x.dtype)
+                in_budget = (new_hi - new_lo) * tl.exp2(-left) <= _c(2.0 * TINY, x) * mag
+                take = ((x_newton > new_lo) & (x_newton < new_hi)
+                        & (tl.abs(x_newton - x) <= 0.5 * step_prev2) & in_budget)
+                x_new = tl.where(take, x_newton, x_new)
+            x_new = tl.where(at_root, x, x_new)
+            step = tl.abs(x_new - x)
+            converged = at_root | (step <= _c(2.0 * TINY, x) * tl.maximum(tl.abs(x), 1.0))
+            converged = converged | (x != x)
+            step_prev2 = tl.where(done, step_prev2, step_prev)
+            step_prev = tl.where(done, step_prev, step)
+            x = tl.where(done, x, x_new)
+            lo = tl.where(done, lo, new_lo)
+            hi = tl.where(done, hi, new_hi)
+            done = done | converged
+            active = tl.sum(tl.where(done, 0, 1))
 
     # Fused forward log-determinant at the solution.
     m_c, s_c = ninf, zero

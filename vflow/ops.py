@@ -66,7 +66,12 @@ __all__ = [
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
 METHODS = ("newton", "bisection")
-DEFAULT_MAX_ITERS = {"newton": 50, "bisection": 100}
+# The iteration budget of the inverse. Safeguarded Newton bisects whenever bisection would
+# otherwise not finish within the budget, so both reach the solver's tolerance (2 eps
+# max(1, |x|)) for every initial bracket up to 2^(max_iters + 1) eps max(1, |x|) wide (float64
+# and 100 iterations: 5.6e14 max(1, |x|)), see reference.solve_inverse; Newton typically
+# stops after 5-10 iterations.
+DEFAULT_MAX_ITERS = {"newton": 100, "bisection": 100}
 BUILD_HINT = "build it with `pip install -e . --no-build-isolation` in the vflow source tree"
 
 
@@ -398,9 +403,14 @@ def mixlogistic_coupling_inverse(
     """Inverse of ``mixlogistic_coupling``: x with mixlogistic_coupling(x, params)[0] == y.
 
     Solved per element on g(x) = logit(F(x)) - logit(F*) inside the exact bracket
-    [min_k, max_k] of mean_k + exp(s_k) logit(F*), by bisection-safeguarded Newton
-    (``method="newton"``, default at most 50 iterations) or plain bisection
-    (``"bisection"``, default 100), with no host synchronisation. For ``smooth=True`` the
+    [min_k, max_k] of mean_k + exp(s_k) logit(F*), by safeguarded Newton (``method="newton"``,
+    the rtsafe rule: a Newton point is taken only strictly inside the bracket, when the step
+    at most halves the step before the previous one, and while bisection could still finish
+    within the budget) or plain bisection (``"bisection"``), both with a budget of
+    ``max_iters`` iterations (default 100) and no host synchronisation. Either reaches
+    |step| <= 2 eps max(1, |x|) for brackets up to 2^(max_iters + 1) eps max(1, |x|) wide; a
+    point where |logit F(x) - logit F*| is at the noise floor of its evaluation is kept as
+    the root (see ``vflow.reference.solve_inverse``). For ``smooth=True`` the
     attainable range of y is exp(tanh a_raw) (logit(0.05), logit(0.95)) + b; an input
     outside it is clamped into it (F* to [eps, 1 - eps], eps the dtype's machine epsilon).
     Gradients come from the implicit-function theorem, not from the iterations.

@@ -139,16 +139,21 @@ def merge(active: Tensor, passive: Tensor, pattern: int, parity: int) -> Tensor:
 # --- the low-level backend contract ------------------------------------------------------
 
 
+def per_sample_sum(t: Tensor) -> Tensor:
+    """(B, *S) -> (B,): the sum over everything but the batch dimension (S may be empty)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])).sum(1)
+
+
 def coupling_fwd(
     x: Tensor, params: Tensor, smooth: bool, pattern: int, parity: int
 ) -> tuple[Tensor, Tensor]:
     """Forward coupling: y (like x) and logdet (B,), differentiable by autograd."""
     if pattern == PLAIN:
         y, logabsdet = mixlogistic_elementwise(x, params, smooth)
-        return y, logabsdet.flatten(1).sum(1)
+        return y, per_sample_sum(logabsdet)
     active, passive = split(x, pattern, parity)
     y_active, logabsdet = mixlogistic_elementwise(active, params, smooth)
-    return merge(y_active, passive, pattern, parity), logabsdet.flatten(1).sum(1)
+    return merge(y_active, passive, pattern, parity), per_sample_sum(logabsdet)
 
 
 def _active(t: Tensor, pattern: int, parity: int) -> Tensor:
@@ -209,26 +214,85 @@ def inverse_bracket(y: Tensor, params: Tensor, smooth: bool) -> tuple[Tensor, Te
     return target, candidates.amin(1), candidates.amax(1)
 
 
-def solve_inverse(y: Tensor, params: Tensor, smooth: bool, max_iters: int, newton: bool) -> Tensor:
-    """x with y = forward(x), by bisection or bisection-safeguarded Newton on
-    g(x) = logit(F(x)) - L (monotone increasing), a fixed number of iterations, no host sync."""
+def newton_allowed(width: Tensor, lo: Tensor, hi: Tensor, iters_left: int) -> Tensor:
+    """True where a Newton step may be taken with ``iters_left`` iterations left (this one
+    included): where bisection alone, from the current bracket, would still reach the
+    tolerance within the remaining ``iters_left - 1`` iterations (width / 2^(left - 1) <=
+    2 eps max(1, min |x| over the bracket)). This is what bounds the safeguarded Newton
+    solver by the budget of plain bisection; ``iters_left`` is the same for every element."""
+    eps = torch.finfo(width.dtype).eps
+    floor = torch.where(lo > 0, lo, torch.where(hi < 0, -hi, torch.zeros_like(lo))).clamp(min=1)
+    return width * math.ldexp(1.0, -(iters_left - 1)) <= 2 * eps * floor
+
+
+def solve_inverse(
+    y: Tensor, params: Tensor, smooth: bool, max_iters: int, newton: bool
+) -> tuple[Tensor, Tensor]:
+    """x with y = forward(x), and the iterations each element used (int32, like y).
+
+    Solves g(x) = logit(F(x)) - L = 0 (strictly increasing in x) inside the exact bracket
+    [lo, hi] of ``inverse_bracket``, starting at its midpoint. Every iteration evaluates g at
+    the iterate x and shrinks the bracket with its sign (g > 0: hi = x, else lo = x). Then:
+
+    * the iterate is a root, and is kept, once |g| is at the noise floor of its evaluation,
+      8 eps (|log F| + |log(1 - F)| + |L| + 1);
+    * ``newton=True`` (safeguarded Newton, the "rtsafe" rule of Numerical Recipes 9.4): the
+      Newton point x - g / g', g' = f / (F (1 - F)), is taken only if it lies strictly inside
+      the bracket, the step is at most half the step before the previous one (so iterates
+      cannot cycle or crawl), and bisection from the current bracket could still finish in
+      the iterations left (``newton_allowed``); otherwise the next iterate is the bracket's
+      midpoint;
+    * ``newton=False``: always the midpoint (bisection).
+
+    An element has converged when it is at a root, or when its step is at most
+    2 eps max(|x|, 1). Hence the guarantee: whenever Newton is refused for lack of budget,
+    bisection from the current bracket still converges in the iterations left, so both
+    methods converge for every initial bracket of width up to
+    2^(max_iters + 1) eps max(1, min |x| over the bracket); with the default 100 iterations
+    that is 2^49 ~ 5.6e14 in float64 and 2^78 in float32. Typical elements need 5-10 Newton
+    iterations (bisection 35-55).
+
+    No host synchronisation on accelerators: a fixed number of masked iterations (on CPU the
+    loop stops once every element has converged, with the same result).
+    """
     _, _, logits, means, log_scales = unpack_params(params)
     target, lo, hi = inverse_bracket(y, params, smooth)
+    eps = torch.finfo(y.dtype).eps
     x = 0.5 * (lo + hi)
-    for _ in range(max_iters):
+    step_prev = step_prev2 = hi - lo
+    done = torch.zeros_like(x, dtype=torch.bool)
+    iterations = torch.zeros_like(x, dtype=torch.int32)
+    for it in range(max_iters):
         log_cdf, log_sf, log_pdf = mixture_log_terms(x, logits, means, log_scales)
         g = log_cdf - log_sf - target
+        at_root = g.abs() <= 8 * eps * (log_cdf.abs() + log_sf.abs() + target.abs() + 1)
         above = g > 0
-        hi = torch.where(above, x, hi)
-        lo = torch.where(above, lo, x)
-        mid = 0.5 * (lo + hi)
+        new_hi = torch.where(above, x, hi)
+        new_lo = torch.where(above, lo, x)
+        x_new = 0.5 * (new_lo + new_hi)
         if newton:
-            step = g * torch.exp(log_cdf + log_sf - log_pdf)  # g / g'(x), g' = f / (F (1-F))
-            x_newton = x - step
-            x = torch.where((x_newton >= lo) & (x_newton <= hi), x_newton, mid)
-        else:
-            x = mid
-    return x
+            x_newton = x - g * torch.exp(log_cdf + log_sf - log_pdf)  # g / g'
+            take = (
+                (x_newton > new_lo)
+                & (x_newton < new_hi)
+                & ((x_newton - x).abs() <= 0.5 * step_prev2)
+                & newton_allowed(new_hi - new_lo, new_lo, new_hi, max_iters - it)
+            )
+            x_new = torch.where(take, x_newton, x_new)
+        x_new = torch.where(at_root, x, x_new)
+        step = (x_new - x).abs()
+        converged = at_root | (step <= 2 * eps * x.abs().clamp(min=1)) | x.isnan()
+        active = ~done
+        iterations += active.int()
+        step_prev2 = torch.where(active, step_prev, step_prev2)
+        step_prev = torch.where(active, step, step_prev)
+        x = torch.where(active, x_new, x)
+        lo = torch.where(active, new_lo, lo)
+        hi = torch.where(active, new_hi, hi)
+        done = done | converged
+        if not x.is_cuda and bool(done.all()):
+            break
+    return x, iterations
 
 
 def coupling_inv(
@@ -237,12 +301,11 @@ def coupling_inv(
     """Inverse coupling: x (like y) and logdet = -(forward logdet at x), shape (B,). No grad."""
     with torch.no_grad():
         if pattern == PLAIN:
-            x = solve_inverse(y, params, smooth, max_iters, newton)
+            x = solve_inverse(y, params, smooth, max_iters, newton)[0]
         else:
             active, passive = split(y, pattern, parity)
-            x = merge(
-                solve_inverse(active, params, smooth, max_iters, newton), passive, pattern, parity
-            )
+            x_active = solve_inverse(active, params, smooth, max_iters, newton)[0]
+            x = merge(x_active, passive, pattern, parity)
         return x, -coupling_fwd(x, params, smooth, pattern, parity)[1]
 
 

@@ -1,0 +1,82 @@
+"""Random MoL coupling problems for tests and benchmarks: well-conditioned and nasty ones.
+
+``random_problem(regime, n, k, ...)`` draws ``n`` independent elements, each with its own K
+components, as the plain layout of ``vflow.ops``: ``x`` (n,) and ``params`` (n, 2+3K), in
+float64. The regimes cover what a trained network can emit and what breaks root finders:
+
+* ``"well"``: moderate logits, means and log-scales: the common case.
+* ``"narrow"``: log-scales near and below the -7 clamp (component scale ~1e-3), means a few
+  units apart: a CDF of near-steps with flat stretches in between, where the pdf of the
+  mixture underflows to 0 in float64 between components.
+* ``"flat"``: means far apart (tens of units) with narrow to moderate scales: long flat
+  stretches of F between steep ones; Newton from a flat point jumps across the bracket.
+* ``"steep"``: large |a_raw| (tanh saturated, e^{+-1}), peaked logits (one weight near 1,
+  others near 0) and wide scales: steep and shallow pieces of very different weight.
+* ``"tails"``: x far outside the components (up to ~40 scales), where F or 1 - F is tiny
+  and only the log-space formulas keep logit(F) finite.
+
+The point x is drawn near the components (a random component's mean plus a logistic draw of
+its scale) except in ``"tails"``, so that every part of the CDF is visited.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["REGIMES", "random_problem"]
+
+REGIMES = ("well", "narrow", "flat", "steep", "tails")
+
+
+def _uniform(gen: torch.Generator, shape, low: float, high: float) -> Tensor:
+    return low + (high - low) * torch.rand(shape, generator=gen, dtype=torch.float64)
+
+
+def _normal(gen: torch.Generator, shape, std: float) -> Tensor:
+    return std * torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+def _components(regime: str, gen: torch.Generator, n: int, k: int):
+    """a_raw, b (n,) and logits, means, log_scales (n, K) of one regime."""
+    a_raw, b = _normal(gen, n, 1.0), _normal(gen, n, 1.0)
+    logits = _normal(gen, (n, k), 1.0)
+    if regime == "well" or regime == "tails":
+        means, log_scales = _normal(gen, (n, k), 2.0), _uniform(gen, (n, k), -3.0, 1.0)
+    elif regime == "narrow":
+        means, log_scales = _normal(gen, (n, k), 3.0), _uniform(gen, (n, k), -9.0, -5.0)
+    elif regime == "flat":
+        means, log_scales = _uniform(gen, (n, k), -40.0, 40.0), _uniform(gen, (n, k), -7.5, 0.0)
+    elif regime == "steep":
+        a_raw, b = _normal(gen, n, 6.0), _normal(gen, n, 3.0)
+        logits = _normal(gen, (n, k), 6.0)
+        means, log_scales = _normal(gen, (n, k), 3.0), _uniform(gen, (n, k), -7.0, 3.0)
+    else:
+        raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
+    return a_raw, b, logits, means, log_scales
+
+
+def random_problem(
+    regime: str, n: int, k: int, *, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor]:
+    """x (n,) and params (n, 2+3K) of ``n`` random elements of one regime, in ``dtype``.
+
+    Drawn in float64 from ``seed`` and then rounded to ``dtype``, so the same seed gives the
+    same problem in every dtype (up to that rounding).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    a_raw, b, logits, means, log_scales = _components(regime, gen, n, k)
+    pick = torch.randint(0, k, (n, 1), generator=gen)
+    mean = means.gather(1, pick)[:, 0]
+    scale = log_scales.clamp(min=-7.0).gather(1, pick)[:, 0].exp()
+    if regime == "tails":
+        # far out on either side: 10 to 40 scales of the widest component past the extremes
+        widest = log_scales.clamp(min=-7.0).exp().amax(1)
+        side = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).double()
+        edge = torch.where(side > 0, means.amax(1), means.amin(1))
+        x = edge + side * widest * _uniform(gen, n, 10.0, 40.0)
+    else:
+        u = _uniform(gen, n, 1e-6, 1 - 1e-6)
+        x = mean + 2.0 * scale * torch.logit(u)
+    params = torch.cat([a_raw[:, None], b[:, None], logits, means, log_scales], dim=1)
+    return x.to(dtype), params.to(dtype)
