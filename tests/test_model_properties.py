@@ -337,3 +337,22 @@ def test_evaluate_bpd_is_mean_nats_over_all_dimensions(name, overrides):
     assert res["n"] == 11
     assert res["elbo_bpd"] == pytest.approx(-torch.cat(rec["elbo"]).sum().item() / denom, 1e-12)
     assert res["iw_bpd"] == pytest.approx(-torch.cat(rec["iw"]).sum().item() / denom, 1e-12)
+
+
+# --- `vflow info` ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,total,paper",
+    [
+        ("flowpp-cifar10", "31,443,440", "31.40M (+0.1%)"),
+        ("vflow-cifar10", "38,371,840", "37.80M (+1.5%)"),
+        ("vflow-cifar10-16m", "16,384,256", "16.50M (-0.7%)"),
+    ],
+)
+def test_describe_reports_total_and_difference_to_the_paper(name, total, paper):
+    """The counts and the differences of the README's table (measured independently)."""
+    text = vflow.models.describe(name)
+    assert f"total={total}" in text
+    assert f"paper: {paper}" in text
+    assert "3x32x32, n_bins=256" in text
