@@ -253,13 +253,18 @@ def test_official_init_draws_weights_from_n_0_005():
 
 
 def test_official_scheme_is_the_default():
+    # chosen from the paired digits comparison (README, "Initialisation"): not worse
+    assert vflow.models.DEFAULT_INIT_SCHEME == "official"
     model = _build("flowpp-digits")
     x = _images(model, 8)
     torch.manual_seed(0)
     a = _build("flowpp-digits").initialize(x)
     torch.manual_seed(0)
-    b = _build("flowpp-digits").initialize(x, scheme=vflow.models.DEFAULT_INIT_SCHEME)
+    b = _build("flowpp-digits").initialize(x, scheme="official")
+    torch.manual_seed(0)
+    c = _build("flowpp-digits").initialize(x, scheme="actnorm")
     _assert_state_equal(a, _state(b))
+    assert not torch.equal(a.r_context.proj.weight, c.r_context.proj.weight)
 
 
 # --- empty batches and degenerate images through the public API ------------------------------
