@@ -37,7 +37,16 @@ the one-model loop on one seed of every cell (the cost of a model-iteration does
 on the seed), with ``time.process_time``; it prints the CPU-seconds per model-iteration of
 both trainers, their ratio, and the wall time the grid would take at ``--iters`` and at the
 paper's 100,000 iterations on ``--workers`` processes (the measured cost per iteration of
-each job, scheduled longest first). ``--speed-only`` stops there.
+each job, scheduled longest first). ``--speed-only`` stops there. Measured with
+``--speed-only --speed-iters 60 --speed-rounds 2`` (full grid, 5 seeds, jobs (D, E) = (2, 21),
+(2, 14), (4, 35), (6, 35), (8, 35), (10, 35)) on the development machine's 2 cores while other
+jobs kept its load at 8-11: 2.06 ms of CPU per model-iteration for the ensembles against
+24.1 ms for the one-model loop, 11.7x (10.3x-12.6x per D). The one-model loop took 6.5 ms per
+model-iteration when that machine was idle (the 15,000-iteration grid), 3.7x less than in
+this measurement; scaled by the same factor the ensembles need about 0.56 ms, so the paper's
+budget (17.5M model-iterations) about 9,700 CPU-seconds, some 80 minutes of wall time on 2
+workers (300 minutes at the load of the measurement). Compiling the training step with
+``torch.compile`` did not pay: 9 minutes to compile one D's step for a 15% faster step.
 
 The learning rate is Adam's 1e-3 for every model (the paper gives none; 1e-3 trained the
 20-step models best in short runs, 3e-3 helped the 3-step VFlow but hurt the 20-step Glow).
