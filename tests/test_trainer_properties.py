@@ -319,3 +319,35 @@ def test_trainer_evaluation_and_grids_are_those_of_the_saved_ema_weights(
     ema_final = evaluate(ema4, test, batch_size=args.eval_batch_size, seed=seed, max_images=32)
     assert abs(raw_final["elbo_bpd"] - ema_final["elbo_bpd"]) > 1e-4
     assert not torch.equal(grids["samples.png"], draw_samples(raw4, 4, seed=seed))
+
+
+# ----------------------------------------------------------------------------- run artifacts
+
+
+@pytest.mark.parametrize("channel", [0, 1, 2])
+def test_sample_grid_of_3_channel_images_keeps_the_colours(tmp_path, channel):
+    """A grid of pure red / green / blue 3-channel images is written as an RGB PNG whose
+    image pixels have that colour (the grids of the CIFAR-10 and ImageNet runs)."""
+    import matplotlib.image as mpimg
+
+    from vflow.evaluate import save_grid
+
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.long)
+    images[:, channel] = 255
+    path = save_grid(images, 256, str(tmp_path / "grid.png"))
+    png = mpimg.imread(path)
+    assert png.ndim == 3 and png.shape[2] in (3, 4)
+    rgb = png[..., :3]
+    coloured = (rgb[..., channel] > 0.9) & (np.delete(rgb, channel, axis=2) < 0.1).all(-1)
+    assert coloured.mean() > 0.2  # the four images cover a good part of the figure
+    others = [c for c in range(3) if c != channel]
+    for c in others:  # no pixel has another primary colour
+        assert not ((rgb[..., c] > 0.9) & (rgb[..., channel] < 0.1)).any()
+
+
+def test_load_run_model_names_the_missing_directory_or_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run directory not found"):
+        T.load_run_model(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        T.load_run_model(str(tmp_path / "empty"))
