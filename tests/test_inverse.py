@@ -253,47 +253,66 @@ def test_iterations_are_few():
 
 @pytest.fixture(scope="module")
 def trained_digits_model():
-    """vflow-digits after 60 Adam steps on the digits (enough to move every coupling away
-    from its near-identity initialisation)."""
+    """vflow-digits after 30 Adam steps on the digits (enough to move every coupling away
+    from its near-identity initialisation), on one thread (tiny convolutions)."""
     import vflow
     from vflow.data import load_digits
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         images = load_digits("train").images.long()
         model = vflow.build("vflow-digits")
         model.initialize(images[:128])
         opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-        for _ in range(60):
+        for _ in range(30):
             batch = images[torch.randint(0, len(images), (64,))]
             loss = -model.elbo(batch).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return model.eval()
+    yield model.eval()
+    torch.set_num_threads(threads)
 
 
-def test_sample_equals_a_200_step_bisection_inverse(trained_digits_model, monkeypatch):
-    """sample() of a trained model gives, for 10^4 images, the same integer images as every
-    coupling inverted by 200-step bisection on the same noise."""
+def sample_values(model, n, chunk, seed):
+    """The continuous images v (before floor) that sample() would produce for ``n`` draws:
+    the same noise for every call (drawn in float64, cast to the model's dtype)."""
+    out = []
+    dtype = next(model.parameters()).dtype
+    for i in range(n // chunk):
+        gen = torch.Generator().manual_seed(seed + i)
+        eps = torch.randn(chunk, *model.latent_shape, generator=gen, dtype=torch.float64)
+        with torch.no_grad():
+            xz, _ = model.p_flow.inverse(eps.to(dtype))
+            v, _ = model.preprocess.inverse(xz[:, : model.config.data_shape[0]])
+        out.append(v)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sample_equals_a_200_step_bisection_inverse(trained_digits_model, monkeypatch, dtype):
+    """10^4 images from a trained model, every coupling inverted by the default Newton and by
+    a 200-step bisection, on the same noise. float64: the same integer images. float32: an
+    image may differ only where a pixel lies within float32 noise of a bin edge (both solvers
+    are at float32 precision; 30 layers of inverses amplify it to ~1e-4 in pixel units)."""
+    import copy
     import functools
 
-    model = trained_digits_model
-    n, chunk = 10_000, 2_500
-
-    def draw():
-        out = []
-        for i in range(n // chunk):
-            torch.manual_seed(1234 + i)
-            with torch.no_grad():
-                out.append(model.sample(chunk))
-        return torch.cat(out)
-
-    fast = draw()
+    model = copy.deepcopy(trained_digits_model).to(dtype)
+    n, chunk, n_bins = 10_000, 2_500, model.config.n_bins
+    fast = sample_values(model, n, chunk, seed=1234)
     for name in ("mixlogistic_coupling_inverse", "checkerboard_coupling_inverse"):
         slow_op = functools.partial(getattr(ops, name), method="bisection", max_iters=200)
         monkeypatch.setattr(ops, name, slow_op)
-    slow = draw()
-    assert fast.dtype == torch.long and fast.shape == (n, *model.config.data_shape)
-    differ = (fast != slow).flatten(1).any(1)
-    assert int(differ.sum()) == 0, f"{int(differ.sum())} of {n} images differ"
+    slow = sample_values(model, n, chunk, seed=1234)
+    fast_img, slow_img = (v.floor().clamp(0, n_bins - 1).long() for v in (fast, slow))
+    differ = fast_img != slow_img
+    if dtype == torch.float64:
+        assert int(differ.flatten(1).any(1).sum()) == 0, "float64 images differ"
+        assert float((fast - slow).abs().max()) < 1e-8
+    else:
+        near_edge = (fast - fast.round()).abs() < 1e-3
+        assert bool(near_edge[differ].all()), "a float32 pixel differs away from a bin edge"
+        assert int(differ.flatten(1).any(1).sum()) <= n // 1000

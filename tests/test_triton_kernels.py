@@ -169,16 +169,16 @@ def _check_inverse(case, newton, max_iters, device):
 
 @pytest.mark.parametrize("case", INV_CASES, ids=INV_IDS)
 def test_inverse_newton(case, device):
-    _check_inverse(case, newton=True, max_iters=20, device=device)
+    _check_inverse(case, newton=True, max_iters=100, device=device)
 
 
 @pytest.mark.parametrize("case", INV_CASES[::2], ids=INV_IDS[::2])
 def test_inverse_bisection(case, device):
-    _check_inverse(case, newton=False, max_iters=40, device=device)
+    _check_inverse(case, newton=False, max_iters=100, device=device)
 
 
 def test_inverse_many_components(device):
-    _check_inverse((CHECKERBOARD, 1, True, 32, 1, (1, 2, 4)), True, 12, device)
+    _check_inverse((CHECKERBOARD, 1, True, 32, 1, (1, 2, 4)), True, 100, device)
 
 
 def test_inverse_matches_reference_iterations(device):
