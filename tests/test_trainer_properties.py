@@ -351,3 +351,29 @@ def test_load_run_model_names_the_missing_directory_or_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         T.load_run_model(str(tmp_path / "empty"))
+
+
+def test_cifar_recipe_trains_on_randomly_flipped_images(tmp_path):
+    """The CIFAR-10 recipes flip training images horizontally at random: the batches the
+    model sees hold stored images and mirror images of them, about half each."""
+    root = _fake_cifar(tmp_path / "cifar")
+    assert T.get_recipe("vflow-cifar10")["flip"] is True
+    seen = []
+
+    class Recording(LogisticModel):
+        def elbo(self, x):
+            seen.append(x.detach().clone())
+            return super().elbo(x)
+
+    args = _args(tmp_path, config="vflow-cifar10", data="cifar10", data_dir=root, steps=5)
+    args.batch_size = 8
+    T.train(args, build_fn=lambda spec: Recording(data_shape=(3, 32, 32), n_bins=256))
+    stored = load_dataset("cifar10", "train", root).images.long()
+    plain = {tuple(im.flatten().tolist()) for im in stored}
+    mirrored = {tuple(im.flip(-1).flatten().tolist()) for im in stored}
+    kinds = []
+    for im in torch.cat(seen):
+        key = tuple(im.flatten().tolist())
+        assert key in plain or key in mirrored
+        kinds.append(key in mirrored)
+    assert 0.2 < sum(kinds) / len(kinds) < 0.8, sum(kinds)
