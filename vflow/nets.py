@@ -104,10 +104,12 @@ def _init_convs(module: nn.Module) -> list[nn.Conv2d]:
 def redraw_conv_weights(module: nn.Module) -> list[nn.Conv2d]:
     """Weights N(0, ``INIT_WEIGHT_STD``^2) and zero biases for every conv of ``module`` that
     has an ``init_scale`` (the official code's initial values before the data-dependent
-    rescaling). Draws from the global RNG of the weights' device; returns the convs."""
+    rescaling). Draws from the global RNG of the weights' device, in logical (contiguous)
+    order, so channels_last weights get the same values; returns the convs."""
     convs = _init_convs(module)
     for conv in convs:
-        conv.weight.normal_(0.0, INIT_WEIGHT_STD)
+        w = conv.weight
+        w.copy_(torch.empty(w.shape, dtype=w.dtype, device=w.device).normal_(0.0, INIT_WEIGHT_STD))
         conv.bias.zero_()
     return convs
 
