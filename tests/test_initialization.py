@@ -598,3 +598,27 @@ def test_ddp_initialisation_equals_single_process(tmp_path):
         assert torch.equal(r0[k], v) and torch.equal(r1[k], v), k
         changed += not torch.equal(fresh.state_dict()[k], v)
     assert changed > 0.5 * len(expected)  # the initialisation really changed the model
+
+
+def test_lazy_actnorm_init_refuses_non_finite_batches_and_changes_nothing():
+    """An uninitialised model whose first ELBO sees a NaN must not store NaN statistics
+    (found by a new-user pass: every later ELBO was NaN, also on clean data)."""
+    from vflow.data import load_digits
+
+    images = load_digits("train").images.long()[:4]
+    model = vflow.build("vflow-digits")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    eps_r = torch.randn(4, 1, 8, 8)
+    eps_r[1] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        model.elbo(images, eps_r=eps_r)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert torch.isfinite(model.elbo(images)).all()
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), -0.5, "hot"])
+def test_sample_rejects_bad_temperatures(temperature):
+    model = vflow.build("vflow-digits")
+    with pytest.raises(ValueError, match="temperature"):
+        model.sample(1, temperature=temperature)

@@ -402,3 +402,17 @@ def test_tabular_example_quick_mode_runs_and_writes_results(tmp_path):
         assert math.isfinite(r["test_log_likelihood"]) and r["params"] > 0
         assert r["sample_ms"] > 0
     assert "sampling speed" in proc.stdout
+
+
+def test_empty_and_zero_dim_inputs():
+    """Found by a new-user pass: empty batches and 0-d input crashed inside the layout."""
+    t = MixLogisticCDFTransform(torch.randn(0, 5))
+    assert t(torch.randn(0)).shape == (0,) and t.inv(torch.randn(0)).shape == (0,)
+    params = torch.randn(5, dtype=torch.float64)
+    t1 = MixLogisticCDFTransform(params)
+    x = torch.tensor(0.3, dtype=torch.float64)
+    y = t1(x)
+    assert y.shape == () and torch.allclose(t1.inv(y), x, atol=1e-9)
+    coupling = MixLogisticCoupling1d(4)
+    y, logdet = coupling.inverse(torch.randn(0, 4))
+    assert y.shape == (0, 4) and logdet.shape == (0,)

@@ -278,6 +278,11 @@ class ActNorm(FlowLayer):
         xd = x.double()
         mean = xd.mean(0)
         var = (xd - mean).square().mean(0)
+        if not bool(torch.isfinite(var).all()):
+            raise ValueError(
+                "ActNorm.initialize: the batch x has non-finite values; initialise the model "
+                "with model.initialize(x) on finite data (nothing was changed)"
+            )
         scale = data_init_scale(var)
         self.log_scale.copy_(torch.log(scale))
         self.bias.copy_(-mean * scale)

@@ -375,6 +375,10 @@ class FlowPlusPlus(nn.Module):
             raise ValueError(f"sample: n must be an integer >= 0, got {n!r}") from None
         if n < 0:
             raise ValueError(f"sample: n must be an integer >= 0, got {n}")
+        if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+            raise ValueError(
+                f"sample: temperature must be a finite number >= 0, got {temperature!r}"
+            )
         eps = torch.randn(n, *self.latent_shape, device=self._device, dtype=self._dtype)
         xz, _ = self.p_flow.inverse(eps * temperature)
         v, _ = self.preprocess.inverse(xz[:, : self.config.data_shape[0]])

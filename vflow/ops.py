@@ -72,6 +72,7 @@ METHODS = ("newton", "bisection")
 # and 100 iterations: 5.6e14 max(1, |x|)), see reference.solve_inverse; Newton typically
 # stops after 5-10 iterations.
 DEFAULT_MAX_ITERS = {"newton": 100, "bisection": 100}
+MAX_ITERS_LIMIT = 1 << 20  # the C++ kernel's bound (csrc/coupling.cpp)
 BUILD_HINT = "build it with `pip install -e . --no-build-isolation` in the vflow source tree"
 
 
@@ -217,8 +218,8 @@ def _pattern_code(pattern) -> int:
 
 
 def _check_parity(parity) -> None:
-    if isinstance(parity, bool) or parity not in (0, 1):
-        raise ValueError(f"parity must be 0 or 1, got {parity!r}")
+    if isinstance(parity, bool) or not isinstance(parity, int) or parity not in (0, 1):
+        raise ValueError(f"parity must be the int 0 or 1, got {parity!r}")
 
 
 def _check_method(method: str, max_iters) -> int:
@@ -228,6 +229,8 @@ def _check_method(method: str, max_iters) -> int:
         return DEFAULT_MAX_ITERS[method]
     if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
         raise ValueError(f"max_iters must be a positive int, got {max_iters!r}")
+    if max_iters > MAX_ITERS_LIMIT:
+        raise ValueError(f"max_iters must be at most {MAX_ITERS_LIMIT}, got {max_iters}")
     return max_iters
 
 

@@ -222,7 +222,7 @@ class MixLogisticCDFTransform(Transform):
                 f"params batch shape {tuple(self.param_batch_shape)}"
             ) from None
         n = math.prod(batch)
-        x_ = x.expand(*batch, *self.event_shape).reshape(n, *self.event_shape)
+        x_ = x.expand(torch.Size([*batch, *self.event_shape])).reshape(n, *self.event_shape)
         p = self.params.expand(*batch, *self.params.shape[len(self.param_batch_shape) :])
         return x_, p.reshape(n, self.params.shape[-ev - 1], *self.event_shape), batch
 
@@ -230,9 +230,9 @@ class MixLogisticCDFTransform(Transform):
         """x as (1, N) and params as (1, 2+3K, N): every element a position of one sample,
         so the kernel runs on full vectors (for the calls that need no log-determinant)."""
         x_, p, _ = self._layout(x, name)
-        n, num = p.shape[0], p.shape[1]
-        p = p.reshape(n, num, -1).transpose(0, 1).reshape(1, num, -1)
-        return x_.reshape(1, -1), p
+        n, num, size = p.shape[0], p.shape[1], math.prod(self.event_shape)
+        p = p.reshape(n, num, size).transpose(0, 1).reshape(1, num, n * size)
+        return x_.reshape(1, n * size), p
 
     # --- the maps --------------------------------------------------------------------------
 
