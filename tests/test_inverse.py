@@ -324,7 +324,7 @@ def test_sample_equals_a_200_step_bisection_inverse(trained_digits_model, monkey
 def test_parity_and_budget_arguments_are_checked():
     y = torch.randn(1, 1, 2, 4)
     params = torch.randn(1, 5, 1, 2, 2)
-    with pytest.raises(ValueError, match="parity must be the int 0 or 1"):
+    with pytest.raises(ValueError, match="parity must be 0 or 1 \\(an int\\)"):
         ops.checkerboard_coupling_inverse(y, params, parity=1.0)
     with pytest.raises(ValueError, match="max_iters must be at most"):
         ops.mixlogistic_coupling_inverse(torch.randn(1, 3), torch.randn(1, 5, 3), max_iters=2**31)

@@ -219,7 +219,7 @@ def _pattern_code(pattern) -> int:
 
 def _check_parity(parity) -> None:
     if isinstance(parity, bool) or not isinstance(parity, int) or parity not in (0, 1):
-        raise ValueError(f"parity must be the int 0 or 1, got {parity!r}")
+        raise ValueError(f"parity must be 0 or 1 (an int), got {parity!r}")
 
 
 def _check_method(method: str, max_iters) -> int:
