@@ -86,6 +86,14 @@ PAPER = {(10, 3): (-3.51, 0.01), (2, 3): (-3.67, 0.03), (2, 20): (-3.54, 0.05)}
 # Fig. 2 panels: (D, L, title).
 DENSITY_MODELS = [(2, 3, "3-step Glow"), (10, 3, "3-step 10-dim VFlow"), (2, 20, "20-step Glow")]
 DENSITY_CELLS = {(d, l) for d, l, _ in DENSITY_MODELS}
+# Learning curves: the Fig. 2 models and the deepest VFlow.
+CURVE_MODELS = DENSITY_MODELS + [(10, 20, "20-step 10-dim VFlow")]
+CURVE_EVERY = 1000  # iterations per point of a learning curve (vflow.toy.train_ensemble)
+
+
+def curve_window(iters: int) -> int:
+    """Iterations per learning-curve point: ``CURVE_EVERY``, or ``iters / 10`` for short runs."""
+    return max(1, min(CURVE_EVERY, iters // 10))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -182,6 +190,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
             dim=d,
             members=m,
             density=[(l, 0) for l in args.steps if (d, l) in DENSITY_CELLS],
+            curve_every=curve_window(args.iters),
             **common,
         )
         for d, m in plan
@@ -255,6 +264,7 @@ def summarise(runs: list[dict]) -> list[dict]:
     for key in sorted({(r["dims"], r["steps"]) for r in runs}):
         sel = [r for r in runs if (r["dims"], r["steps"]) == key]
         ll_mean, ll_std = mean_std(r["test_ll"] for r in sel)
+        elbo_mean = sum(r.get("test_elbo", math.nan) for r in sel) / len(sel)
         rows.append(
             {
                 "dims": key[0],
@@ -262,11 +272,50 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "params": sel[0]["params"],
                 "ll_mean": ll_mean,
                 "ll_std": ll_std,
+                "elbo_mean": elbo_mean,
                 "iters": sel[0]["iters"],
                 "seeds": len(sel),
             }
         )
     return rows
+
+
+def curve_rows(runs: list[dict], every: int) -> list[dict]:
+    """Long-format learning curves: one row per (D, L, seed, window end) with the window's
+    mean training ELBO (nats); runs without a ``curve`` are left out."""
+    return [
+        {"dims": r["dims"], "steps": r["steps"], "seed": r["seed"], "iter": min((i + 1) * every,
+         r["iters"]), "train_elbo": v}
+        for r in runs
+        if "curve" in r
+        for i, v in enumerate(r["curve"])
+    ]
+
+
+def plot_curves(runs: list[dict], cells, every: int, path: Path) -> None:
+    """Training ELBO against iterations (mean over seeds, windows of ``every`` iterations) for
+    ``cells`` ``[(D, L, name)]``, with each cell's final test IW log-likelihood (mean over
+    seeds) as a dashed line of the same colour."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for d, l, name in cells:
+        sel = [r for r in runs if (r["dims"], r["steps"]) == (d, l) and "curve" in r]
+        if not sel:
+            continue
+        curve = np.mean([r["curve"] for r in sel], axis=0)
+        its = np.minimum((np.arange(len(curve)) + 1) * every, sel[0]["iters"])
+        (line,) = ax.plot(its, curve, lw=1, label=f"{name}: train ELBO")
+        ll = np.mean([r["test_ll"] for r in sel])
+        ax.axhline(ll, color=line.get_color(), ls="--", lw=1, label=f"{name}: test IW ll {ll:.3f}")
+    ax.axhline(OPTIMUM, color="k", ls=":", lw=1, label="-log 32 (optimum)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("nats")
+    ax.set_ylim(OPTIMUM - 0.8, OPTIMUM + 0.1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_ll_vs_params(rows: list[dict], path: Path) -> None:
@@ -331,8 +380,13 @@ def main(argv=None) -> list[dict]:
     wall = time.perf_counter() - t0
     rows = summarise(runs)
     write_csv(args.out / "results.csv", rows)
-    write_csv(args.out / "runs.csv", [{k: v for k, v in r.items() if k != "density"} for r in runs])
+    write_csv(
+        args.out / "runs.csv",
+        [{k: v for k, v in r.items() if k not in ("density", "curve")} for r in runs],
+    )
+    write_csv(args.out / "curves.csv", curve_rows(runs, curve_window(args.iters)))
     plot_ll_vs_params(rows, args.out / "ll_vs_params.png")
+    plot_curves(runs, CURVE_MODELS, curve_window(args.iters), args.out / "curves.png")
 
     panels = [(f"data ({OPTIMUM:.3f})", true_density(args.density_px), "density_data.png")]
     seed0 = {(r["dims"], r["steps"]): r for r in runs if "density" in r}
@@ -347,13 +401,13 @@ def main(argv=None) -> list[dict]:
         f"\n{len(runs)} runs ({args.trainer} trainer), {args.iters} iterations each: grid wall "
         f"time {wall:.0f} s on {args.workers} workers, training CPU {cpu:.0f} s; out: {args.out}"
     )
-    print(f"{'D':>3} {'L':>3} {'params':>7} {'test ll (nats)':>17} {'paper':>14}")
+    print(f"{'D':>3} {'L':>3} {'params':>7} {'test ll (nats)':>17} {'ELBO':>7} {'paper':>14}")
     for r in rows:
         p = PAPER.get((r["dims"], r["steps"]))
         ps = f"{p[0]:.2f} +- {p[1]:.2f}" if p else ""
         print(
             f"{r['dims']:>3} {r['steps']:>3} {r['params']:>7} "
-            f"{r['ll_mean']:>8.3f} +- {r['ll_std']:.3f} {ps:>14}"
+            f"{r['ll_mean']:>8.3f} +- {r['ll_std']:.3f} {r['elbo_mean']:>7.3f} {ps:>14}"
         )
     print(f"optimum -log 32 = {OPTIMUM:.3f}")
     return rows

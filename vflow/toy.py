@@ -753,18 +753,28 @@ class ToyEnsemble:
 
     @torch.no_grad()
     def log_likelihood(
-        self, x: Tensor, samples: int = 100, chunk: int = 500, rows: int = 5000
-    ) -> Tensor:
+        self,
+        x: Tensor,
+        samples: int = 100,
+        chunk: int = 500,
+        rows: int = 5000,
+        return_elbo: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Every member's per-point test log-likelihood, ``x`` ``(N, 2)`` -> ``(E, N)`` float64:
         exact for a Glow, Eq. 5 for a VFlow, ``logsumexp_s(w_s) - log S`` over ``S = samples``
         draws of ``z ~ q(z|x)``, ``w_s = log p(x, z_s) - log q(z_s|x)``. Points go ``chunk`` at a
         time and the noise is drawn like :func:`log_likelihood` on a single model (continuing
-        each member's stream); the ``S * chunk`` weights are computed ``rows`` at a time."""
-        E, out = len(self), []
+        each member's stream); the ``S * chunk`` weights are computed ``rows`` at a time.
+
+        With ``return_elbo`` also the per-point ELBO estimated from the same draws,
+        ``mean_s w_s`` (equal to the log-likelihood for a Glow); the ELBO-to-IW gap
+        ``ll - elbo`` bounds how far q(z|x) is from the posterior p(z|x) in KL."""
+        E, out, elbo = len(self), [], []
         for xc in x.split(chunk):
             n = xc.shape[0]
             if not self.dz:
                 out.append(self.log_prob_p(xc.expand(E, n, 2)).double())
+                elbo.append(out[-1])
                 continue
             noise = torch.stack(
                 [
@@ -782,6 +792,9 @@ class ToyEnsemble:
             )
             w = w.view(E, samples, n).double()
             out.append(torch.logsumexp(w, dim=1) - math.log(samples))
+            elbo.append(w.mean(dim=1))
+        if return_elbo:
+            return torch.cat(out, dim=1), torch.cat(elbo, dim=1)
         return torch.cat(out, dim=1)
 
     def density_grid(self, e: int, n: int = 128, samples: int = 100) -> Tensor:
@@ -795,6 +808,17 @@ class ToyEnsemble:
         return grid
 
 
+def window_means(values: Tensor, window: int) -> Tensor:
+    """Means of ``values`` ``(T, ...)`` over consecutive windows of ``window`` rows along dim 0,
+    ignoring non-finite entries (skipped steps); the last window may be shorter.
+    Returns ``(ceil(T / window), ...)``."""
+    finite = torch.isfinite(values)
+    vals = torch.where(finite, values, torch.zeros_like(values))
+    sums = torch.stack([c.sum(dim=0) for c in vals.split(window)])
+    counts = torch.stack([c.sum(dim=0) for c in finite.split(window)])
+    return sums / counts.clamp(min=1)
+
+
 def train_ensemble(
     dim: int,
     members: list[tuple[int, int]],
@@ -806,19 +830,27 @@ def train_ensemble(
     density_px: int = 128,
     threads: int | None = 1,
     q_base: bool = False,
+    curve_every: int = 1000,
 ) -> dict:
     """:func:`train_and_evaluate` for every ``(steps, seed)`` of ``members`` (one ``dim``) at
     once with a :class:`ToyEnsemble`; ``density`` lists the ``(steps, seed)`` members whose
     density grid to compute. Returns ``{"runs": [one dict per member, the keys of
     train_and_evaluate; train_s / train_cpu_s are the ensemble's times divided by E],
-    "dims", "members", "train_s", "train_cpu_s", "eval_cpu_s"}``."""
+    "dims", "members", "train_s", "train_cpu_s", "eval_cpu_s"}``.
+
+    Each run also has ``test_elbo`` (the ELBO on the test set from the same ``samples`` draws
+    as ``test_ll``) and ``curve``: the training ELBO averaged over consecutive windows of
+    ``curve_every`` iterations (fresh data every batch, so an unbiased estimate of the
+    population ELBO at that point of training), nats."""
     if threads is not None:
         torch.set_num_threads(threads)
     ens = ToyEnsemble(dim, list(members), q_base=q_base)
     t0, c0 = time.perf_counter(), time.process_time()
     losses = ens.train(iters, lr, batch)
     train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-    ll = ens.log_likelihood(fixed_test_set(), samples).mean(dim=1)
+    ll, elbo = ens.log_likelihood(fixed_test_set(), samples, return_elbo=True)
+    ll, elbo = ll.mean(dim=1), elbo.mean(dim=1)
+    curves = window_means(-losses.double(), curve_every)
     eval_cpu_s = time.process_time() - c0 - train_cpu_s
     runs = []
     for e, (steps, seed) in enumerate(ens.members):
@@ -829,6 +861,8 @@ def train_ensemble(
             "iters": iters,
             "params": n_params(ens.member_model(e)),
             "test_ll": float(ll[e]),
+            "test_elbo": float(elbo[e]),
+            "curve": curves[:, e].tolist(),
             "train_s": train_s / len(ens),
             "train_cpu_s": train_cpu_s / len(ens),
             "skipped": int((~torch.isfinite(losses[:, e])).sum()),
