@@ -384,9 +384,11 @@ def main(argv=None) -> list[dict]:
         args.out / "runs.csv",
         [{k: v for k, v in r.items() if k not in ("density", "curve")} for r in runs],
     )
-    write_csv(args.out / "curves.csv", curve_rows(runs, curve_window(args.iters)))
     plot_ll_vs_params(rows, args.out / "ll_vs_params.png")
-    plot_curves(runs, CURVE_MODELS, curve_window(args.iters), args.out / "curves.png")
+    curves = curve_rows(runs, curve_window(args.iters))
+    if curves:  # the ensemble trainer records learning curves, the one-model loop does not
+        write_csv(args.out / "curves.csv", curves)
+        plot_curves(runs, CURVE_MODELS, curve_window(args.iters), args.out / "curves.png")
 
     panels = [(f"data ({OPTIMUM:.3f})", true_density(args.density_px), "density_data.png")]
     seed0 = {(r["dims"], r["steps"]): r for r in runs if "density" in r}

@@ -5,6 +5,8 @@ import importlib.util
 import math
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 import torch
 from torch.autograd.functional import jacobian
@@ -152,6 +154,15 @@ def test_quick_run_writes_outputs(tmp_path, workers, trainer, capsys):
         img = mpimg.imread(tmp_path / f"{name}.png")
         assert img.ndim == 3 and img.shape[0] >= 24 and img.std() > 0, name
     assert not (tmp_path / "density_D2_L20.png").exists()  # not in this grid
+    if trainer == "ensemble":  # learning curves: 10 windows of 4 iterations per run
+        with open(tmp_path / "curves.csv") as f:
+            curve = list(csv.DictReader(f))
+        assert len(curve) == 4 * 10 and {int(r["iter"]) for r in curve} == set(range(4, 41, 4))
+        assert all(math.isfinite(float(r["train_elbo"])) for r in curve)
+        assert mpimg.imread(tmp_path / "curves.png").std() > 0
+        for r in table:  # the ELBO from the IW draws is below the IW estimate; equal for Glow
+            gap = float(r["ll_mean"]) - float(r["elbo_mean"])
+            assert gap == 0 if r["dims"] == "2" else gap > 0
     printed = capsys.readouterr().out
     assert "ratio" in printed and "predicted training time of the grid at 100000" in printed
     assert f"runs ({trainer} trainer)" in printed
@@ -319,3 +330,42 @@ def test_parameter_counts_of_the_quoted_cells():
     assert (
         counts[(10, 3, True)] - counts[(10, 3, False)] == 2 * 50 + 50 + 50 * 50 + 50 + 50 * 16 + 16
     )
+
+
+def test_window_means_average_finite_values_per_window():
+    """Independent value: numpy's nanmean over each window (the last one shorter)."""
+    vals = torch.randn(23, 3, dtype=torch.float64)
+    vals[4, 1] = float("nan")
+    vals[20, 2] = float("inf")
+    got = toy.window_means(vals, 5)
+    arr = vals.numpy().copy()
+    arr[~np.isfinite(arr)] = np.nan
+    want = np.stack([np.nanmean(arr[i : i + 5], axis=0) for i in range(0, 23, 5)])
+    assert got.shape == (5, 3)
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-12)
+
+
+def test_ensemble_elbo_is_the_mean_log_weight_and_below_the_iw_bound():
+    """``return_elbo``: a Glow's ELBO is its log-likelihood; a VFlow's ELBO, from the same
+    draws, is at most the IW estimate per point (Jensen), equal to it with one sample, and an
+    unbiased estimate of the single model's ELBO (within 5 standard errors)."""
+    x = toy.fixed_test_set(300).double()
+    glow = toy.ToyEnsemble(2, MEMBERS, dtype=torch.float64)
+    glow.train(20)
+    ll, elbo = glow.log_likelihood(x, samples=4, return_elbo=True)
+    torch.testing.assert_close(ll, elbo, rtol=0, atol=0)
+
+    ens = toy.ToyEnsemble(4, MEMBERS, dtype=torch.float64)
+    ens.train(30)
+    ll, elbo = ens.log_likelihood(x, samples=16, return_elbo=True)
+    assert elbo.shape == ll.shape == (len(MEMBERS), 300)
+    assert (ll - elbo).min() >= 0 and (ll - elbo).max() > 0
+    ll1, elbo1 = ens.log_likelihood(x, samples=1, return_elbo=True)
+    torch.testing.assert_close(ll1, elbo1, rtol=0, atol=1e-12)
+
+    for e in range(len(MEMBERS)):
+        model = ens.member_model(e).eval()
+        with torch.no_grad():
+            w = model.elbo(x.repeat(64, 1))
+        stderr = (w.var() / w.numel() + elbo[e].var() / elbo.shape[1]) ** 0.5
+        assert abs(float(elbo[e].mean() - w.mean())) < 5 * float(stderr)
