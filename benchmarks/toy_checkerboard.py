@@ -22,7 +22,14 @@ Outputs in ``--out``: ``results.csv`` (one row per (D, L): dims, steps, params, 
 ll_std, iters, seeds), ``runs.csv`` (one row per run), ``ll_vs_params.png`` (Fig. 3),
 ``density.png`` (Fig. 2: data, 3-step Glow, 3-step 10-dim VFlow, 20-step Glow, the seed-0
 models titled with their test log-likelihood; the VFlow density importance-sampled), the
-same panels one per file (``density_data.png``, ``density_D{D}_L{L}.png``).
+same panels one per file (``density_data.png``, ``density_D{D}_L{L}.png``), and, from the
+ensemble trainer, ``curves.csv`` / ``curves.png`` (training ELBO per 1,000 iterations) and
+an ``elbo_mean`` column (the test ELBO from the same draws as the IW estimate).
+
+Resuming. The ensemble trainer saves every job's state (weights, Adam moments, generator
+states, losses) every ``--checkpoint-every`` iterations under ``--out``/state/; running the
+same command again continues each job where it stopped, on the same trajectory bit for bit
+(``vflow.toy.train_resumable``), so the paper's budget can be spread over several sessions.
 
 Trainers. ``--trainer ensemble`` (the default) trains every (L, seed) of one D at once with
 ``vflow.toy.ToyEnsemble``: weights stacked along a leading ensemble dimension, batched matrix
@@ -112,6 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", type=Path, default=Path("results/toy_checkerboard"))
     ap.add_argument("--trainer", choices=["ensemble", "single"], default="ensemble")
+    ap.add_argument("--checkpoint-every", type=int, default=5000,
+                    help="ensemble trainer: save each job's state every N iterations "
+                    "(a multiple of 250) under OUT/state/; rerunning resumes")  # fmt: skip
     ap.add_argument("--q-base", action="store_true", help="q(z|x) with a conditional Gaussian base")
     ap.add_argument("--speed-iters", type=int, default=100, help="iterations timed per trainer")
     ap.add_argument("--speed-rounds", type=int, default=2, help="alternating timing rounds")
@@ -168,6 +178,13 @@ def plan_jobs(dims, steps, seeds: int, workers: int) -> list[tuple[int, list]]:
         jobs = trial
 
 
+def job_name(dim: int, members: list[tuple[int, int]]) -> str:
+    """File name of an ensemble job's saved state: its D, depths and seeds."""
+    steps = "-".join(str(l) for l in sorted({l for l, _ in members}))
+    seeds = "-".join(str(s) for s in sorted({s for _, s in members}))
+    return f"D{dim}_L{steps}_s{seeds}.pt"
+
+
 def run_all(args: argparse.Namespace) -> list[dict]:
     """Train and evaluate every (D, L, seed) of the grid with ``args.trainer``, jobs longest
     first in ``args.workers`` processes (each with one torch thread); in this process when
@@ -191,10 +208,13 @@ def run_all(args: argparse.Namespace) -> list[dict]:
             members=m,
             density=[(l, 0) for l in args.steps if (d, l) in DENSITY_CELLS],
             curve_every=curve_window(args.iters),
+            checkpoint=args.out / "state" / job_name(d, m),
+            checkpoint_every=args.checkpoint_every,
             **common,
         )
         for d, m in plan
     ]
+    (args.out / "state").mkdir(parents=True, exist_ok=True)
     return [run for out in run_parallel(train_ensemble, jobs, args.workers) for run in out["runs"]]
 
 

@@ -369,3 +369,29 @@ def test_ensemble_elbo_is_the_mean_log_weight_and_below_the_iw_bound():
             w = model.elbo(x.repeat(64, 1))
         stderr = (w.var() / w.numel() + elbo[e].var() / elbo.shape[1]) ** 0.5
         assert abs(float(elbo[e].mean() - w.mean())) < 5 * float(stderr)
+
+
+def test_resumed_training_follows_the_uninterrupted_trajectory(tmp_path):
+    """An ensemble saved after 20 iterations and continued in a new object reaches the same
+    weights and losses, bit for bit, as 40 iterations in one call; a checkpoint saved for
+    another budget is refused with a named error."""
+    straight = toy.ToyEnsemble(4, MEMBERS)
+    want = straight.train(40, chunk=10)
+    ckpt = tmp_path / "job.pt"
+    first = toy.ToyEnsemble(4, MEMBERS)
+    toy.train_resumable(first, 20, 1e-3, 64, ckpt, every=20, chunk=10)
+    saved = torch.load(ckpt, weights_only=False)
+    saved["iters"] = 40  # as if the 40-iteration run had stopped after its first save
+    torch.save(saved, ckpt)
+    second = toy.ToyEnsemble(4, MEMBERS)
+    got, _ = toy.train_resumable(second, 40, 1e-3, 64, ckpt, every=20, chunk=10)
+    assert torch.equal(got, want)
+    for a, b in zip(second.blocks, straight.blocks, strict=True):
+        assert torch.equal(a.data, b.data) and torch.equal(a.exp_avg_sq, b.exp_avg_sq)
+    assert torch.load(ckpt, weights_only=False)["done"] == 40
+    with pytest.raises(ValueError, match="checkpoint: .* iters/lr/batch 40/0.001/64"):
+        toy.train_resumable(toy.ToyEnsemble(4, MEMBERS), 60, 1e-3, 64, ckpt, every=20, chunk=10)
+    with pytest.raises(ValueError, match="state: saved for"):
+        toy.ToyEnsemble(6, MEMBERS).load_state_dict(saved["ensemble"])
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        toy.train_resumable(first, 40, 1e-3, 64, tmp_path / "x.pt", every=15, chunk=10)

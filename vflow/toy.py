@@ -18,6 +18,7 @@ Conventions. Every layer maps a batch ``x`` of shape ``(N, D)`` (plus an optiona
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import time
 import warnings
 
@@ -738,6 +739,41 @@ class ToyEnsemble:
             self.adam_step_(lr)
         return losses.detach()
 
+    def state_dict(self) -> dict:
+        """Everything a later :meth:`load_state_dict` needs to continue training bit for bit:
+        the members, the flat weights and Adam moments of every block, the Adam step counts
+        and the states of every member's data and noise generators."""
+        return {
+            "dim": self.dim,
+            "members": list(self.members),
+            "q_base": self.q_base,
+            "dtype": str(self.dtype),
+            "blocks": [
+                {k: getattr(b, k).clone() for k in ("data", "exp_avg", "exp_avg_sq")}
+                for b in self.blocks
+            ],
+            "adam_steps": self.adam_steps.clone(),
+            "data_gens": [g.get_state() for g in self.data_gens],
+            "noise_gens": [g.get_state() for g in self.noise_gens],
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; raises ``ValueError`` when ``state`` belongs to an
+        ensemble of another dimensionality, member list, q base or dtype."""
+        mine = (self.dim, list(self.members), self.q_base, str(self.dtype))
+        theirs = (state["dim"], [tuple(m) for m in state["members"]], state["q_base"])
+        if mine != theirs + (state["dtype"],):
+            raise ValueError(f"state: saved for (dim, members, q_base, dtype) {theirs + (state['dtype'],)}, "
+                             f"this ensemble is {mine}")  # fmt: skip
+        for blk, saved in zip(self.blocks, state["blocks"], strict=True):
+            for k, t in saved.items():
+                getattr(blk, k).copy_(t)
+        self.adam_steps.copy_(state["adam_steps"])
+        for g, st in zip(self.data_gens + self.noise_gens,
+                         state["data_gens"] + state["noise_gens"], strict=True):  # fmt: skip
+            g.set_state(st)
+
     def train(self, iters: int, lr: float = 1e-3, batch: int = 64, chunk: int = 250) -> Tensor:
         """``iters`` steps of :meth:`train_step`, drawing the batches ``chunk`` iterations at a
         time. Returns the losses, ``(iters, E)``."""
@@ -819,6 +855,49 @@ def window_means(values: Tensor, window: int) -> Tensor:
     return sums / counts.clamp(min=1)
 
 
+def train_resumable(
+    ens: ToyEnsemble,
+    iters: int,
+    lr: float,
+    batch: int,
+    checkpoint: str | Path | None = None,
+    every: int = 5000,
+    chunk: int = 250,
+) -> tuple[Tensor, float]:
+    """``ens.train(iters, lr, batch)``, saving the ensemble every ``every`` iterations to
+    ``checkpoint`` (atomically: written to a temporary file, then renamed) and, if that file
+    exists, continuing from it. ``every`` must be a multiple of ``chunk``, so the batches are
+    drawn in the same chunks as in one uninterrupted call and the trajectory is the same bit
+    for bit. Returns the losses of all ``iters`` iterations, ``(iters, E)``, and the training
+    CPU-seconds recorded by earlier sessions. Without ``checkpoint``: one call of ``train``."""
+    if checkpoint is None:
+        return ens.train(iters, lr, batch, chunk), 0.0
+    if every <= 0 or every % chunk:
+        raise ValueError(f"checkpoint_every: expected a positive multiple of {chunk}, got {every}")
+    path = Path(checkpoint)
+    losses, done, cpu_before = torch.empty(0, len(ens), dtype=ens.dtype), 0, 0.0
+    if path.exists():
+        saved = torch.load(path, weights_only=False)
+        if saved["iters"] != iters or saved["lr"] != lr or saved["batch"] != batch:
+            raise ValueError(f"checkpoint: {path} was saved for iters/lr/batch "
+                             f"{saved['iters']}/{saved['lr']}/{saved['batch']}, not "
+                             f"{iters}/{lr}/{batch}")  # fmt: skip
+        ens.load_state_dict(saved["ensemble"])
+        losses, done, cpu_before = saved["losses"], saved["done"], saved["cpu_s"]
+    c0 = time.process_time()
+    while done < iters:
+        n = min(every, iters - done)
+        losses = torch.cat([losses, ens.train(n, lr, batch, chunk)])
+        done += n
+        state = {"iters": iters, "lr": lr, "batch": batch, "done": done, "losses": losses,
+                 "cpu_s": cpu_before + time.process_time() - c0,
+                 "ensemble": ens.state_dict()}  # fmt: skip
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+    return losses, cpu_before
+
+
 def train_ensemble(
     dim: int,
     members: list[tuple[int, int]],
@@ -831,6 +910,8 @@ def train_ensemble(
     threads: int | None = 1,
     q_base: bool = False,
     curve_every: int = 1000,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 5000,
 ) -> dict:
     """:func:`train_and_evaluate` for every ``(steps, seed)`` of ``members`` (one ``dim``) at
     once with a :class:`ToyEnsemble`; ``density`` lists the ``(steps, seed)`` members whose
@@ -841,13 +922,16 @@ def train_ensemble(
     Each run also has ``test_elbo`` (the ELBO on the test set from the same ``samples`` draws
     as ``test_ll``) and ``curve``: the training ELBO averaged over consecutive windows of
     ``curve_every`` iterations (fresh data every batch, so an unbiased estimate of the
-    population ELBO at that point of training), nats."""
+    population ELBO at that point of training), nats.
+
+    With ``checkpoint`` (a file path) training is resumable: see :func:`train_resumable`."""
     if threads is not None:
         torch.set_num_threads(threads)
     ens = ToyEnsemble(dim, list(members), q_base=q_base)
     t0, c0 = time.perf_counter(), time.process_time()
-    losses = ens.train(iters, lr, batch)
-    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    losses, resumed_cpu_s = train_resumable(ens, iters, lr, batch, checkpoint, checkpoint_every)
+    train_s = time.perf_counter() - t0 + resumed_cpu_s  # wall of earlier sessions ~ their CPU
+    train_cpu_s = time.process_time() - c0 + resumed_cpu_s
     ll, elbo = ens.log_likelihood(fixed_test_set(), samples, return_elbo=True)
     ll, elbo = ll.mean(dim=1), elbo.mean(dim=1)
     curves = window_means(-losses.double(), curve_every)
