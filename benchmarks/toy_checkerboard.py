@@ -313,7 +313,8 @@ def curve_rows(runs: list[dict], every: int) -> list[dict]:
 
 
 def plot_curves(runs: list[dict], cells, every: int, path: Path) -> None:
-    """Training ELBO against iterations (mean over seeds, windows of ``every`` iterations) for
+    """Training ELBO against iterations (median over seeds of the means over windows of
+    ``every`` iterations; deep Glows have rare loss spikes that swamp a mean) for
     ``cells`` ``[(D, L, name)]``, with each cell's final test IW log-likelihood (mean over
     seeds) as a dashed line of the same colour."""
     import matplotlib.pyplot as plt
@@ -323,7 +324,7 @@ def plot_curves(runs: list[dict], cells, every: int, path: Path) -> None:
         sel = [r for r in runs if (r["dims"], r["steps"]) == (d, l) and "curve" in r]
         if not sel:
             continue
-        curve = np.mean([r["curve"] for r in sel], axis=0)
+        curve = np.median([r["curve"] for r in sel], axis=0)  # robust to one seed's spikes
         its = np.minimum((np.arange(len(curve)) + 1) * every, sel[0]["iters"])
         (line,) = ax.plot(its, curve, lw=1, label=f"{name}: train ELBO")
         ll = np.mean([r["test_ll"] for r in sel])
