@@ -10,6 +10,24 @@ For each config (default: vflow-digits and vflow-cifar10) and each variant, in o
 * ``fused+chlast+compile-elbo``  channels_last and torch.compile of the whole ELBO (networks,
                        couplings and logdets in one graph, inductor's C++ wrapper; what
                        ``vflow train --compile --channels-last`` does)
+* ``fused+ckpt``       fused, with activation checkpointing
+                       (``model.set_activation_checkpointing(True, granularity)``) for each of
+                       ``--granularities`` ("net": every conditioning / context network,
+                       the default; "step": every whole flow step), compared with the plain
+                       fused model in the same process (below)
+
+Memory. Every row has ``step_growth_mb``: how much a training step grows the process at its
+peak over what it held before the step (CUDA: max_memory_allocated over memory_allocated;
+CPU: peak RSS, VmHWM after resetting it through /proc/self/clear_refs, over RSS, measured
+after the timings with glibc's mmap threshold fixed at 128 KiB and free memory trimmed, so
+that tensors come from and go back to the kernel and RSS follows the tensors). The
+``fused+ckpt`` row times, in one process and on the same weights, the plain step
+(checkpointing toggled off) alternately with the checkpointed step of each granularity; its
+``checkpointing`` entry holds, for "plain" and each granularity, the median step time, the
+step-growth and the bytes the autograd graph keeps after the forward (saved tensors plus
+checkpointed regions' inputs, counted once per storage: allocator-independent), and each
+granularity's ratios to plain. The row's own step time and growth are those of the first
+granularity.
 
 Every (config, variant) runs in its own subprocess so that peak memory (max RSS on CPU,
 max allocated on CUDA) is per variant and compile caches do not leak between variants.
@@ -45,6 +63,7 @@ VARIANTS = [
     "fused+chlast",
     "fused+bf16",
     "fused+chlast+compile-elbo",
+    "fused+ckpt",
 ]
 COMPILED = ("fused+compile", "fused+chlast+compile-elbo")
 # Lower-case profiler event-name fragments -> category of the step's time (first match wins).
@@ -123,6 +142,9 @@ def worker(args) -> dict:
     if "chlast" in variant:
         model = model.to(memory_format=torch.channels_last)
     _wrap_nets(model, variant)
+    granularities = args.granularities if variant == "fused+ckpt" else None
+    if granularities:
+        model.set_activation_checkpointing(True, granularities[0])
     model.train()
     bpd = model.bpd
     if variant.endswith("compile-elbo"):
@@ -138,15 +160,21 @@ def worker(args) -> dict:
     t0 = time.perf_counter()
     loss = step()  # warm-up (includes compilation)
     warmup_s = time.perf_counter() - t0
-    step()
-    step_times = _time(step, args.repeats, device)
+    if granularities:  # paired with the plain model (its own times are its first column)
+        checkpointing = _checkpointing_times(model, step, granularities, args.repeats, device)
+        step_times = checkpointing[granularities[0]].pop("times")
+    else:
+        step()
+        step_times = _time(step, args.repeats, device)
     breakdown = _breakdown(step) if args.profile else None
 
     model.eval()
     n_sample = args.sample_n or (batch if args.config.endswith("digits") else 2)
-    with torch.no_grad():
-        model.sample(n_sample)  # warm-up
-        sample_times = _time(lambda: model.sample(n_sample), args.sample_repeats, device)
+    sample_times = [float("nan")]
+    if not args.skip_sample:
+        with torch.no_grad():
+            model.sample(n_sample)  # warm-up
+            sample_times = _time(lambda: model.sample(n_sample), args.sample_repeats, device)
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -167,6 +195,13 @@ def worker(args) -> dict:
             step_ms=1e3 * statistics.median(var_times),
         )
         paired["speedup"] = paired["reference_ms"] / paired["step_ms"]
+    model.train()
+    if granularities:
+        _checkpointing_memory(model, step, checkpointing, device)
+        growth = checkpointing[granularities[0]]["growth_mb"]
+    else:
+        checkpointing = None
+        growth = _step_growth(step, device)
     return dict(
         config=args.config,
         variant=variant,
@@ -181,9 +216,157 @@ def worker(args) -> dict:
         sample_n=n_sample,
         sample_ms=1e3 * statistics.median(sample_times),
         peak_mb=peak,
+        step_growth_mb=growth,
         breakdown=breakdown,
         paired=paired,
+        checkpointing=checkpointing,
     )
+
+
+def _checkpointing_times(model, step, granularities, repeats: int, device: str) -> dict:
+    """Median step times of the plain model (checkpointing toggled off) and of each
+    checkpointing granularity, timed alternately (paired) in this process. Leaves the model
+    checkpointed with ``granularities[0]``."""
+    modes = ["plain", *granularities]
+
+    def use(mode: str) -> None:
+        if mode == "plain":
+            model.set_activation_checkpointing(False)
+        else:
+            model.set_activation_checkpointing(True, mode)
+
+    for mode in modes:  # warm-up (the first granularity's step ran already)
+        if mode != granularities[0]:
+            use(mode)
+            step()
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(repeats):
+        for mode in modes:
+            use(mode)
+            times[mode] += _time(step, 1, device)
+    use(modes[1])
+    out = {m: dict(step_ms=1e3 * statistics.median(t), times=t) for m, t in times.items()}
+    for g in granularities:
+        out[g]["time_ratio"] = out[g]["step_ms"] / out["plain"]["step_ms"]
+    out["plain"].pop("times")
+    for g in granularities[1:]:
+        out[g].pop("times")
+    return out
+
+
+def _checkpointing_memory(model, step, out: dict, device: str) -> None:
+    """Add graph-kept bytes and step-growth of every mode of ``out`` (see
+    ``_checkpointing_times``) and their ratios to plain. Leaves the first granularity on."""
+    modes = list(out)
+    for mode in modes:
+        if mode == "plain":
+            model.set_activation_checkpointing(False)
+        else:
+            model.set_activation_checkpointing(True, mode)
+        out[mode]["kept_mb"] = graph_kept_bytes(model, step) / 2**20
+        out[mode]["growth_mb"] = _step_growth(step, device)
+    model.set_activation_checkpointing(True, modes[1])
+    plain = out["plain"]
+    for mode in modes[1:]:
+        row = out[mode]
+        row["kept_ratio"] = row["kept_mb"] / plain["kept_mb"]
+        if plain["growth_mb"] and row["growth_mb"] is not None:
+            row["memory_ratio"] = row["growth_mb"] / plain["growth_mb"]
+
+
+def graph_kept_bytes(model, step) -> int:
+    """Bytes the autograd graph of one training forward keeps for the backward: the tensors
+    saved for backward plus the inputs of checkpointed regions (which non-reentrant
+    checkpointing holds instead of the region's saved tensors), each storage counted once.
+    Deterministic and independent of the allocator. Runs (and discards) one forward."""
+    import torch
+
+    from vflow import flows
+
+    storages: dict = {}
+
+    def note(t) -> None:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            storages[(t.device, st.data_ptr())] = st.nbytes()
+
+    def pack(t):
+        note(t)
+        return t
+
+    plain_checkpoint = flows.checkpoint
+
+    def counting_checkpoint(fn, *args, **kwargs):
+        for a in args:
+            note(a)
+        return plain_checkpoint(fn, *args, **kwargs)
+
+    x = step.images
+    flows.checkpoint = counting_checkpoint
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = step.objective(x).mean()
+    finally:
+        flows.checkpoint = plain_checkpoint
+    del loss
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _fix_malloc() -> bool:
+    """glibc: fixed 128 KiB mmap threshold (tensors are mmapped and unmapped on free, so RSS
+    follows them) and free heap memory returned to the kernel. False if not glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (also disables its dynamic growth)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def _step_growth(step, device: str) -> float | None:
+    """MB by which one training step grows memory at its peak over what was held before it
+    (see the module docstring); None where it cannot be measured."""
+    import gc
+
+    import torch
+
+    step.model.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if not _fix_malloc():
+        return None
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+    except OSError:
+        return None
+    base = _rss_kib("VmRSS")
+    step()
+    peak = _rss_kib("VmHWM")
+    if base is None or peak is None:
+        return None
+    return (peak - base) / 1024
 
 
 def _build(args, backend: str):
@@ -210,6 +393,7 @@ def _step_fn(model, bpd, x):
         loss.backward()
         return loss
 
+    step.model, step.objective, step.images = model, bpd, x
     return step
 
 
@@ -240,6 +424,14 @@ def main() -> None:
     parser.add_argument("--sample-repeats", type=int, default=None)
     parser.add_argument("--sample-n", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--skip-sample", action="store_true", help="do not time sample()")
+    parser.add_argument(
+        "--granularities",
+        nargs="+",
+        default=["net"],
+        choices=["net", "step"],
+        help="activation checkpointing granularities of the fused+ckpt variant",
+    )
     parser.add_argument(
         "--compile-all",
         action="store_true",
@@ -300,6 +492,9 @@ def main() -> None:
                 cmd += ["--sample-n", str(args.sample_n)]
             if args.profile:
                 cmd.append("--profile")
+            if args.skip_sample:
+                cmd.append("--skip-sample")
+            cmd += ["--granularities", *args.granularities]
             if not args.paired:
                 cmd.append("--unpaired")
             print(f"... {config} / {variant}", file=sys.stderr, flush=True)
@@ -322,7 +517,7 @@ def main() -> None:
     ratio_note = "alternating with the reference in one process" if args.paired else "unpaired"
     header = (
         f"{'config':<16} {'variant':<26} {'step ms':>10} {'vs ref':>7} "
-        f"{'sample ms':>11} {'peak MB':>9}  note"
+        f"{'sample ms':>11} {'peak MB':>9} {'step MB':>9}  note"
     )
     print(f"vs ref: step-time ratio, {ratio_note}")
     print(header)
@@ -330,7 +525,8 @@ def main() -> None:
     for row in rows:
         if "step_ms" not in row:
             print(
-                f"{row['config']:<16} {row['variant']:<26} {'-':>10} {'-':>7} {'-':>11} {'-':>9}  "
+                f"{row['config']:<16} {row['variant']:<26} {'-':>10} {'-':>7} {'-':>11} {'-':>9} "
+                f"{'-':>9}  "
                 f"{row.get('skipped') or row.get('error')}"
             )
             continue
@@ -340,16 +536,44 @@ def main() -> None:
         if row.get("paired"):
             p = row["paired"]
             note += f"; paired {p['step_ms']:.1f} vs reference {p['reference_ms']:.1f} ms"
+        if row.get("checkpointing"):
+            note += "; " + _checkpointing_note(row["checkpointing"])
         if row.get("breakdown"):
             note += "; " + ", ".join(f"{k} {v:.0%}" for k, v in row["breakdown"].items())
+        growth = row.get("step_growth_mb")
+        growth = "-" if growth is None else f"{growth:.0f}"
         print(
             f"{row['config']:<16} {row['variant']:<26} {row['step_ms']:>10.1f} {speed:>7} "
-            f"{row['sample_ms']:>11.1f} {row['peak_mb']:>9.0f}  {note}"
+            f"{row['sample_ms']:>11.1f} {row['peak_mb']:>9.0f} {growth:>9}  {note}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(quick=args.quick, device=args.device, rows=rows), indent=2))
     print(f"wrote {out}")
+
+
+def _checkpointing_note(c: dict) -> str:
+    """The paired checkpointed-vs-plain comparison of one row, in words."""
+    plain = c["plain"]
+    parts = [
+        f"plain: step growth {_mb(plain['growth_mb'])}, graph keeps {plain['kept_mb']:.0f} MB, "
+        f"{plain['step_ms']:.0f} ms"
+    ]
+    for mode, r in c.items():
+        if mode == "plain":
+            continue
+        mem = _mb(r["growth_mb"])
+        if r.get("memory_ratio") is not None:
+            mem += f" ({r['memory_ratio']:.0%})"
+        parts.append(
+            f"ckpt {mode}: step growth {mem}, graph keeps {r['kept_mb']:.0f} MB "
+            f"({r['kept_ratio']:.0%}), {r['step_ms']:.0f} ms ({r['time_ratio']:.2f}x)"
+        )
+    return "; ".join(parts)
+
+
+def _mb(value) -> str:
+    return "-" if value is None else f"{value:.0f} MB"
 
 
 def _speedup(row: dict, rows: list[dict]) -> float | None:

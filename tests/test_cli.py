@@ -233,3 +233,14 @@ def test_torchrun_two_processes(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "test bits/dim (10 images)" in r.stdout
+
+
+def test_train_activation_checkpointing_flag(tmp_path):
+    from vflow.models import VFlow
+
+    if not hasattr(VFlow, "set_activation_checkpointing"):
+        pytest.skip("VFlow.set_activation_checkpointing is not implemented yet")
+    run = str(tmp_path / "run")
+    argv = ["train", *TINY, "--out", run, "--steps", "1", "--eval-every", "0", "--no-final-eval"]
+    assert main([*argv, "--activation-checkpointing"]) == 0
+    assert _ckpt(run)["args"]["activation_checkpointing"] is True

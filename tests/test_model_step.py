@@ -39,3 +39,32 @@ def test_model_step_quick_run_writes_rows_with_breakdown(tmp_path):
         ratio = paired["reference_ms"] / paired["step_ms"]
         assert r["speedup_vs_reference"] == pytest.approx(ratio)
     assert "vflow-digits" in proc.stdout and "fused" in proc.stdout
+
+
+@pytest.mark.skipif("cpp" not in ops.available_backends("cpu"), reason="needs vflow._C")
+def test_model_step_checkpointing_row_pairs_plain_and_checkpointed(tmp_path):
+    """The fused+ckpt row: plain and checkpointed steps of one model, timed alternately, with
+    the graph's kept bytes and the step's peak memory growth for each."""
+    out = tmp_path / "model_step.json"
+    cmd = [sys.executable, str(SCRIPT), "--configs", "vflow-digits", "--batch", "4"]
+    cmd += ["--variants", "fused+ckpt", "--granularities", "net", "step", "--repeats", "1"]
+    cmd += ["--skip-sample", "--unpaired", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["variant"] == "fused+ckpt" and row["backend"] == "cpp"
+    ckpt = row["checkpointing"]
+    assert list(ckpt) == ["plain", "net", "step"]
+    for mode in ("net", "step"):
+        r = ckpt[mode]
+        assert r["kept_ratio"] == pytest.approx(r["kept_mb"] / ckpt["plain"]["kept_mb"])
+        assert 0 < r["kept_ratio"] < 0.5
+        assert r["time_ratio"] == pytest.approx(r["step_ms"] / ckpt["plain"]["step_ms"])
+    if sys.platform.startswith("linux"):  # peak RSS via /proc
+        assert ckpt["plain"]["growth_mb"] > 0
+        assert row["step_growth_mb"] == ckpt["net"]["growth_mb"]
+        assert ckpt["net"]["memory_ratio"] == pytest.approx(
+            ckpt["net"]["growth_mb"] / ckpt["plain"]["growth_mb"]
+        )
+    assert row["step_ms"] == pytest.approx(ckpt["net"]["step_ms"])
+    assert "ckpt net" in proc.stdout and "ckpt step" in proc.stdout

@@ -403,3 +403,49 @@ def test_compile_flag_compiles_the_objective(tmp_path, monkeypatch):
     monkeypatch.setattr(T.torch, "compile", fake_compile)
     T.train(_args(tmp_path, steps=2, compile=True), build_fn=tiny_build)
     assert compiled == [("_ElboObjective", {"cpp_wrapper": True})]
+
+
+# ----------------------------------------------------------------------------- activation ckpt
+
+
+def _needs_activation_checkpointing():
+    from vflow.models import VFlow
+
+    if not hasattr(VFlow, "set_activation_checkpointing"):
+        pytest.skip("VFlow.set_activation_checkpointing is not implemented yet")
+
+
+def test_activation_checkpointing_flag_keeps_the_losses(tmp_path):
+    """--activation-checkpointing only trades memory for compute: the real digits model
+    trains to the same losses (the first step's bit for bit) and weights."""
+    _needs_activation_checkpointing()
+    kw = dict(steps=3, batch_size=8, log_every=1, overrides={"context_filters": 4})
+    plain = T.train(_args(tmp_path, "plain", **kw))
+    ckpt = T.train(_args(tmp_path, "ckpt", activation_checkpointing=True, **kw))
+    assert ckpt.model.activation_checkpointing is not None
+    assert plain.model.activation_checkpointing is None
+    rows = [
+        [r["train_bpd"] for r in read_metrics(os.path.join(res.run_dir, "metrics.jsonl"))]
+        for res in (plain, ckpt)
+    ]
+    assert rows[0][0] == rows[1][0]
+    assert rows[1] == pytest.approx(rows[0], rel=1e-5)
+    torch.testing.assert_close(_flat(ckpt.model), _flat(plain.model), atol=2e-4, rtol=1e-3)
+
+
+def test_activation_checkpointing_is_kept_on_resume(tmp_path):
+    _needs_activation_checkpointing()
+    kw = dict(batch_size=8, overrides={"context_filters": 4})
+    T.train(_args(tmp_path, steps=1, activation_checkpointing=True, **kw))
+    assert torch.load(T.latest_checkpoint(str(tmp_path / "run")), weights_only=True)["args"][
+        "activation_checkpointing"
+    ]
+    res = T.train(_args(tmp_path, steps=2, resume=True))
+    assert res.model.activation_checkpointing is not None
+    ck = torch.load(T.latest_checkpoint(res.run_dir), weights_only=True)
+    assert ck["step"] == 2 and ck["args"]["activation_checkpointing"] is True
+
+
+def test_activation_checkpointing_needs_a_model_that_supports_it(tmp_path):
+    with pytest.raises(ValueError, match="model TinyModel has no set_activation_checkpointing"):
+        T.train(_args(tmp_path, activation_checkpointing=True), build_fn=tiny_build)

@@ -30,6 +30,7 @@ import math
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from vflow import ops
 from vflow.nets import CouplingNet, data_init_scale, pixelwise_linear
@@ -55,6 +56,7 @@ __all__ = [
     "g_checker",
     "g_channel",
     "zero_logdet",
+    "maybe_checkpoint",
 ]
 
 Pair = tuple[Tensor, Tensor]
@@ -74,6 +76,20 @@ def _sum_per_sample(t: Tensor) -> Tensor:
     return t.flatten(1).sum(1)
 
 
+def maybe_checkpoint(enabled: bool, module: nn.Module, fn, *args):
+    """``fn(*args)``, run under activation checkpointing when ``enabled``, ``module`` is in
+    training mode and grad mode is on (otherwise a plain call: no overhead in evaluation,
+    ``torch.no_grad`` passes and sampling).
+
+    ``torch.utils.checkpoint.checkpoint`` non-reentrant (what DDP and torch.compile need), with
+    ``preserve_rng_state=True``: the forward keeps only ``fn``'s inputs and outputs, and the
+    backward reruns ``fn`` under the same CPU / CUDA RNG state and autocast state, so dropout
+    draws the same masks and the gradients equal those of the plain call."""
+    if enabled and module.training and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
+    return fn(*args)
+
+
 class FlowLayer(nn.Module):
     """Base class: ``forward(x, context)`` and ``inverse(y, context)`` -> (out, logdet (B,))."""
 
@@ -85,7 +101,10 @@ class FlowLayer(nn.Module):
 
 
 class Compose(FlowLayer):
-    """Sequential composition; ``inverse`` runs the layers in reverse order."""
+    """Sequential composition; ``inverse`` runs the layers in reverse order.
+
+    A layer with a true ``checkpoint_step`` attribute runs under ``maybe_checkpoint`` in
+    ``forward`` (set by ``FlowPlusPlus.set_activation_checkpointing(True, "step")``)."""
 
     def __init__(self, layers=()):
         super().__init__()
@@ -94,7 +113,8 @@ class Compose(FlowLayer):
     def forward(self, x, context=None):
         logdet = zero_logdet(x)
         for layer in self.layers:
-            x, ld = layer(x, context)
+            step = getattr(layer, "checkpoint_step", False)
+            x, ld = maybe_checkpoint(step, layer, layer, x, context)
             logdet = logdet + ld
         return x, logdet
 
@@ -388,6 +408,7 @@ class MixLogisticCoupling(FlowLayer):
     ``attention=True`` is MixLogisticAttnCoupling (the f_* blocks), False the g_* blocks.
     ``context`` (conditional flows): (B, context_channels, H, W/2) from ``nets.ContextNet``;
     channel couplings use it at full resolution (each half-pixel feature duplicated).
+    ``checkpoint_net``: run ``net`` under activation checkpointing (``maybe_checkpoint``).
     """
 
     def __init__(
@@ -422,6 +443,7 @@ class MixLogisticCoupling(FlowLayer):
         self.split, self.parity, self.pattern = split, parity, pattern
         self.components, self.active_channels, self.spatial = components, active_c, spatial
         self.smooth, self.backend = smooth, backend
+        self.checkpoint_net = False  # see FlowPlusPlus.set_activation_checkpointing
         self.net = CouplingNet(
             passive_c,
             active_c * (2 + 3 * components),
@@ -438,7 +460,7 @@ class MixLogisticCoupling(FlowLayer):
     def _params(self, passive: Tensor, context: Tensor | None) -> Tensor:
         if context is not None and self.split == "channel":
             context = ops.checkerboard_merge(context, context, parity=0, pattern=self.pattern)
-        out = self.net(passive, context)
+        out = maybe_checkpoint(self.checkpoint_net, self, self.net, passive, context)
         return out.view(out.shape[0], 2 + 3 * self.components, self.active_channels, *self.spatial)
 
     def _channel_halves(self, x: Tensor) -> Pair:
@@ -496,6 +518,7 @@ class AugmentedAffineCoupling(FlowLayer):
     ):
         super().__init__()
         self.x_channels = x_channels
+        self.checkpoint_net = False  # see FlowPlusPlus.set_activation_checkpointing
         self.net = CouplingNet(
             z_channels,
             2 * x_channels,
@@ -507,7 +530,7 @@ class AugmentedAffineCoupling(FlowLayer):
         )
 
     def _mu_s(self, z: Tensor) -> Pair:
-        raw_s, mu = self.net(z).chunk(2, dim=1)
+        raw_s, mu = maybe_checkpoint(self.checkpoint_net, self, self.net, z).chunk(2, dim=1)
         return mu, torch.tanh(raw_s)
 
     def forward(self, x: Tensor, context=None):

@@ -34,6 +34,16 @@ takes ``batch_size / N`` images of every global batch (same images, same hyperpa
 single-process run). Rank 0 alone initialises the model from the init batch and broadcasts
 the weights and buffers, so a DDP run starts from exactly the single-process initialisation;
 rank 0 alone writes logs, checkpoints and images.
+
+Memory. ``activation_checkpointing`` (``vflow train --activation-checkpointing``) calls
+``model.set_activation_checkpointing(True)`` on the built model, before DDP and compilation:
+the couplings' conditioning networks are recomputed in the backward pass (same losses, less
+memory, more time). It is stored with the arguments, and a resumed run keeps it on.
+
+Structure. :func:`train` runs a :class:`Trainer`: its constructor is the setup (settings
+from the arguments or the checkpoint, data, model, initialisation or resume, optimiser, EMA),
+:meth:`Trainer.train_step` one iteration, :meth:`Trainer.evaluate_ema` the evaluation,
+:meth:`Trainer.write_checkpoint` a checkpoint and :meth:`Trainer.run` the loop.
 """
 
 from __future__ import annotations
@@ -248,6 +258,15 @@ def init_distributed(device: str) -> DistInfo:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
         torch.cuda.set_device(local)
+    # Import torch.distributed.nn before the group exists. Ten of its functions declare
+    # ``group=group.WORLD`` as a default argument, evaluated at import: imported later (a DDP
+    # run imports it lazily), their __defaults__ hold the live default ProcessGroup for good,
+    # so destroy_process_group cannot free it and gloo's worker and TCP-loop threads and the
+    # TCPStore thread run on into interpreter teardown, where a rank aborted with
+    # std::terminate ("terminate called without an active exception"). Imported now, they
+    # hold None.
+    from torch.distributed import nn as _dist_nn  # noqa: F401
+
     dist.init_process_group(backend=backend, init_method="env://")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, initialized_here=True)
 
@@ -460,6 +479,7 @@ class TrainArgs:
     init_scheme: str | None = None  # model.initialize scheme (None: the model's default)
     channels_last: bool = False  # channels_last weights and activations (faster CPU convs)
     compile: bool = False  # torch.compile the training objective (networks + couplings)
+    activation_checkpointing: bool = False  # recompute the coupling networks in backward
 
     def recipe(self) -> dict:
         return get_recipe(
@@ -557,329 +577,543 @@ def train(args: TrainArgs, build_fn: Callable[[dict], nn.Module] = default_build
 
 
 def _train(args: TrainArgs, build_fn, info: DistInfo) -> TrainResult:
-    check_init_batch_size(args.init_batch_size)
-    device = torch.device(args.device)
+    return Trainer(args, build_fn, info).run()
+
+
+# ----------------------------------------------------------------------------- trainer: setup
+
+
+@dataclass
+class RunSettings:
+    """What a run keeps from start to end: the model spec, the recipe, the seed and the data.
+    A new run takes them from its arguments, a resumed one from its checkpoint."""
+
+    spec: dict
+    recipe: dict
+    seed: int
+    data_name: str
+    data_dir: str | None
+
+
+#: TrainArgs fields that are part of the recipe (a resumed run keeps its checkpoint's).
+RECIPE_ARGS = ("lr", "warmup", "batch_size", "ema_decay", "grad_clip", "flip")
+
+
+def training_device(name: str, info: DistInfo) -> torch.device:
+    """The device of this rank: ``name``, on the local rank's GPU when DDP runs on CUDA."""
+    device = torch.device(name)
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
-    run_dir = args.out or default_run_dir(args.config)
-    ckpt_path = latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
-    if args.resume and ckpt_path is None:
+    return device
+
+
+def checkpoint_to_resume(run_dir: str, resume: bool) -> str | None:
+    """The newest checkpoint of ``run_dir`` when resuming (else None). Refuses to resume a
+    run without checkpoints (FileNotFoundError) and to start over one (FileExistsError)."""
+    path = latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    if resume and path is None:
         raise FileNotFoundError(f"--resume: no checkpoint (ckpt-*.pt) in {run_dir}")
-    if not args.resume and ckpt_path is not None:
+    if not resume and path is not None:
         raise FileExistsError(
             f"{run_dir} already holds checkpoints; pass --resume to continue "
             f"it or choose another --out"
         )
-    ck = load_checkpoint(ckpt_path) if args.resume else None
+    return path
 
-    if ck is not None:
-        spec = dict(ck["model_spec"])
-        if args.backend != "auto":
-            spec["backend"] = args.backend
-        recipe = dict(ck["recipe"])
-        recipe["betas"] = tuple(recipe["betas"])
-        given = [
-            k
-            for k in ("lr", "warmup", "batch_size", "ema_decay", "grad_clip", "flip")
-            if getattr(args, k) is not None
-        ]
-        if given:
-            _log(f"note: resuming with the checkpoint's recipe; ignoring {', '.join(given)}", info)
-        seed, data_name = int(ck["seed"]), ck["data"]
-        data_dir = args.data_dir or ck.get("data_dir")
-    else:
-        spec = {
-            "name": args.config,
-            "overrides": _plain(dict(args.overrides)),
-            "backend": args.backend,
-        }
-        recipe = args.recipe()
-        seed = args.seed
-        data_name = args.data or default_dataset_for(args.config)
-        data_dir = args.data_dir
 
-    set_threads(args.num_threads, data_name, args.device)
-    train_data = load_dataset(data_name, "train", data_dir, flip=bool(recipe["flip"]))
-    test_data = load_dataset(data_name, "test", data_dir)
-    stream = BatchStream(
-        train_data, int(recipe["batch_size"]), seed=seed, rank=info.rank, world_size=info.world_size
-    )
+def settings_from_args(args: TrainArgs) -> RunSettings:
+    """The settings of a new run."""
+    spec = {"name": args.config, "overrides": _plain(dict(args.overrides)), "backend": args.backend}
+    data_name = args.data or default_dataset_for(args.config)
+    return RunSettings(spec, args.recipe(), args.seed, data_name, args.data_dir)
+
+
+def settings_from_checkpoint(ck: dict, args: TrainArgs, info: DistInfo) -> RunSettings:
+    """The settings of a resumed run: the checkpoint's, except ``args.backend`` (unless
+    "auto") and ``args.data_dir`` (if given). Recipe arguments are ignored, with a note."""
+    spec = dict(ck["model_spec"])
+    if args.backend != "auto":
+        spec["backend"] = args.backend
+    recipe = dict(ck["recipe"])
+    recipe["betas"] = tuple(recipe["betas"])
+    given = [k for k in RECIPE_ARGS if getattr(args, k) is not None]
+    if given:
+        _log(f"note: resuming with the checkpoint's recipe; ignoring {', '.join(given)}", info)
+    data_dir = args.data_dir or ck.get("data_dir")
+    return RunSettings(spec, recipe, int(ck["seed"]), ck["data"], data_dir)
+
+
+def args_for_resume(args: TrainArgs, ck: dict) -> TrainArgs:
+    """``args``, with activation checkpointing on if the checkpointed run had it on (a run
+    that needed it to fit in memory still needs it)."""
+    if args.activation_checkpointing or not ck.get("args", {}).get("activation_checkpointing"):
+        return args
+    return dataclasses.replace(args, activation_checkpointing=True)
+
+
+def total_steps_of(args: TrainArgs, stream: BatchStream, ck: dict | None, recipe: dict) -> int:
+    """The run's length: ``--steps``, else ``--epochs`` worth of batches, else the
+    checkpoint's, else the recipe's."""
     if args.steps is not None:
-        total_steps = int(args.steps)
-    elif args.epochs is not None:
-        total_steps = int(args.epochs) * stream.batches_per_epoch
-    elif ck is not None:
-        total_steps = int(ck["total_steps"])
-    else:
-        total_steps = int(recipe["steps"])
-
-    torch.manual_seed(seed)  # identical construction on every rank
-    model = build_fn(spec).to(device)
-    if args.channels_last:  # before the optimizer and EMA see the parameters
-        model.to(memory_format=torch.channels_last)
-    shape, n_bins = model_cfg(model, "data_shape"), model_cfg(model, "n_bins")
-    if shape is not None and tuple(shape) != tuple(train_data.shape):
-        raise ValueError(
-            f"config {spec['name']} models images of shape {tuple(shape)} but "
-            f"dataset {data_name} has {tuple(train_data.shape)}"
-        )
-    if n_bins is not None and int(n_bins) != train_data.n_bins:
-        raise ValueError(
-            f"config {spec['name']} has n_bins={n_bins} but dataset {data_name} "
-            f"has {train_data.n_bins} levels"
-        )
-    dims = math.prod(train_data.shape)
-
-    opt = torch.optim.Adam(
-        model.parameters(), lr=learning_rate(1, recipe), betas=tuple(recipe["betas"])
-    )
+        return int(args.steps)
+    if args.epochs is not None:
+        return int(args.epochs) * stream.batches_per_epoch
     if ck is not None:
-        model.load_state_dict(ck["model"])
-        ema = EMA(model, recipe["ema_decay"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["optimizer"])
-        stream.load_state_dict(ck["data_position"])
-        step, skipped = int(ck["step"]), int(ck.get("skipped", 0))
-        rngs = ck["rng"]
-        if len(rngs) == info.world_size and rngs[info.rank] is not None:
-            set_rng_state(rngs[info.rank], device)
-        else:
-            _log(
-                f"warning: checkpoint holds RNG states for {len(rngs)} rank(s), running on "
-                f"{info.world_size}; reseeding",
-                info,
-            )
-            seed_everything(seed * 7919 + step * 31 + info.rank)
-        _log(f"resumed {run_dir} from {ckpt_path} at step {step}", info)
-    else:
-        model.train()
-        if info.main:
-            x0 = init_batch(train_data, args.init_batch_size, seed).to(device)
-            scheme = {} if args.init_scheme is None else {"scheme": args.init_scheme}
-            with torch.no_grad():
-                model.initialize(x0, **scheme)
-        if info.enabled:
-            _broadcast_module(model)
-        ema = EMA(model, recipe["ema_decay"])
-        step, skipped = 0, 0
-        seed_everything(seed * 7919 + 1 + info.rank)  # training noise, distinct per rank
+        return int(ck["total_steps"])
+    return int(recipe["steps"])
 
-    if info.main:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "run.json"), "w") as f:
-            json.dump(
-                {
-                    "model_spec": spec,
-                    "recipe": _plain(recipe),
-                    "data": data_name,
-                    "data_dir": data_dir,
-                    "seed": seed,
-                    "total_steps": total_steps,
-                    "world_size": info.world_size,
-                    "args": _plain(dataclasses.asdict(args)),
-                },
-                f,
-                indent=2,
-            )
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """``model.set_activation_checkpointing(True)``; ValueError for a model without it."""
+    if not callable(getattr(model, "set_activation_checkpointing", None)):
+        raise ValueError(
+            f"activation_checkpointing: model {type(model).__name__} has no "
+            f"set_activation_checkpointing"
+        )
+    model.set_activation_checkpointing(True)
+
+
+def check_model_fits_data(model: nn.Module, settings: RunSettings, data) -> None:
+    """ValueError unless the model's image shape and number of levels are the data's."""
+    name, data_name = settings.spec["name"], settings.data_name
+    shape, n_bins = model_cfg(model, "data_shape"), model_cfg(model, "n_bins")
+    if shape is not None and tuple(shape) != tuple(data.shape):
+        raise ValueError(
+            f"config {name} models images of shape {tuple(shape)} but "
+            f"dataset {data_name} has {tuple(data.shape)}"
+        )
+    if n_bins is not None and int(n_bins) != data.n_bins:
+        raise ValueError(
+            f"config {name} has n_bins={n_bins} but dataset {data_name} has {data.n_bins} levels"
+        )
+
+
+def training_objective(model: nn.Module, args: TrainArgs, info: DistInfo, device) -> nn.Module:
+    """``x -> model.elbo(x)`` as a module, wrapped in DistributedDataParallel under DDP and
+    compiled with ``--compile`` (which compiles on the first step)."""
     objective = _ElboObjective(model)
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        objective = compile_objective(objective, device)  # compiles on the first step
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_clip = recipe.get("grad_clip") or 0.0
+        objective = compile_objective(objective, device)
+    return objective
 
-    def write_metrics(row: dict) -> None:
+
+class TrainWindow:
+    """Running sums of the training metrics since the last "train" row of metrics.jsonl."""
+
+    def __init__(self):
+        self.bpd, self.gnorm, self.n, self.imgs = 0.0, 0.0, 0, 0
+        self.t0 = time.perf_counter()
+
+    def add(self, bpd: float, gnorm: float, ok: bool, images: int) -> None:
+        """Count one iteration of ``images`` images; its loss and gradient norm if ``ok``."""
+        if ok:
+            self.bpd += bpd
+            self.gnorm += gnorm
+            self.n += 1
+        self.imgs += images
+
+    def row(self, step: int, epoch: int, lr: float, skipped: int) -> dict:
+        """The "train" row: mean bits/dim and gradient norm of the good iterations."""
+        dt = time.perf_counter() - self.t0
+        return {
+            "kind": "train",
+            "step": step,
+            "epoch": epoch,
+            "lr": lr,
+            "train_bpd": self.bpd / self.n if self.n else None,
+            "grad_norm": self.gnorm / self.n if self.n else None,
+            "img_per_s": self.imgs / dt if dt > 0 else None,
+            "skipped": skipped,
+            "time": time.time(),
+        }
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """One training run (new or resumed) of this rank: ``Trainer(args, build_fn, info).run()``.
+
+    The constructor sets everything up (settings, data, model, initialisation or resume,
+    optimiser, EMA, run.json); :meth:`train_step` is one iteration, :meth:`evaluate_ema` the
+    test evaluation, :meth:`write_checkpoint` a checkpoint and :meth:`run` the loop.
+    """
+
+    def __init__(self, args: TrainArgs, build_fn=default_build, info: DistInfo | None = None):
+        check_init_batch_size(args.init_batch_size)
+        self.info = info = info or DistInfo()
+        self.device = training_device(args.device, info)
+        self.run_dir = args.out or default_run_dir(args.config)
+        self.resumed_from = checkpoint_to_resume(self.run_dir, args.resume)
+        ck = load_checkpoint(self.resumed_from) if args.resume else None
+        self.args = args if ck is None else args_for_resume(args, ck)
+        self.settings = (
+            settings_from_args(args) if ck is None else settings_from_checkpoint(ck, args, info)
+        )
+        self._load_data(ck)
+        self._build_model(build_fn)
+        if ck is None:
+            self._initialize()
+        else:
+            self._restore(ck)
+        self._write_run_description()
+        self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        self.objective = training_objective(self.model, self.args, info, self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.grad_clip = self.settings.recipe.get("grad_clip") or 0.0
+        self.bad_streak, self.last_ckpt, self.bar, self.window = 0, self.resumed_from, None, None
+
+    # --------------------------------------------------------------------- setup
+
+    def _load_data(self, ck: dict | None) -> None:
+        """Training and test splits, this rank's batch stream and the run's length."""
+        s = self.settings
+        set_threads(self.args.num_threads, s.data_name, self.args.device)
+        self.train_data = load_dataset(
+            s.data_name, "train", s.data_dir, flip=bool(s.recipe["flip"])
+        )
+        self.test_data = load_dataset(s.data_name, "test", s.data_dir)
+        self.stream = BatchStream(
+            self.train_data,
+            int(s.recipe["batch_size"]),
+            seed=s.seed,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+        )
+        self.total_steps = total_steps_of(self.args, self.stream, ck, s.recipe)
+
+    def _build_model(self, build_fn) -> None:
+        """The model (built identically on every rank, from the seed) and its optimiser."""
+        recipe = self.settings.recipe
+        torch.manual_seed(self.settings.seed)
+        self.model = model = build_fn(self.settings.spec).to(self.device)
+        if self.args.channels_last:  # before the optimizer and EMA see the parameters
+            model.to(memory_format=torch.channels_last)
+        if self.args.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        check_model_fits_data(model, self.settings, self.train_data)
+        self.dims = math.prod(self.train_data.shape)
+        self.opt = torch.optim.Adam(
+            model.parameters(), lr=learning_rate(1, recipe), betas=tuple(recipe["betas"])
+        )
+
+    def _initialize(self) -> None:
+        """A new run: data-dependent initialisation on rank 0 (broadcast to the others),
+        a fresh EMA, step 0, and the training noise seeded per rank."""
+        args, info, seed = self.args, self.info, self.settings.seed
+        self.model.train()
         if info.main:
-            with open(metrics_path, "a") as f:
+            x0 = init_batch(self.train_data, args.init_batch_size, seed).to(self.device)
+            scheme = {} if args.init_scheme is None else {"scheme": args.init_scheme}
+            with torch.no_grad():
+                self.model.initialize(x0, **scheme)
+        if info.enabled:
+            _broadcast_module(self.model)
+        self.ema = EMA(self.model, self.settings.recipe["ema_decay"])
+        self.step, self.skipped = 0, 0
+        seed_everything(seed * 7919 + 1 + info.rank)  # training noise, distinct per rank
+
+    def _restore(self, ck: dict) -> None:
+        """A resumed run: weights, EMA, optimiser, data position, counters and RNG states."""
+        self.model.load_state_dict(ck["model"])
+        self.ema = EMA(self.model, self.settings.recipe["ema_decay"])
+        self.ema.load_state_dict(ck["ema"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.stream.load_state_dict(ck["data_position"])
+        self.step, self.skipped = int(ck["step"]), int(ck.get("skipped", 0))
+        self._restore_rng_states(ck["rng"])
+        _log(f"resumed {self.run_dir} from {self.resumed_from} at step {self.step}", self.info)
+
+    def _restore_rng_states(self, rngs: list) -> None:
+        """This rank's RNG states from the checkpoint; reseeded (with a warning) if the
+        checkpoint was written by a different number of ranks."""
+        info = self.info
+        if len(rngs) == info.world_size and rngs[info.rank] is not None:
+            set_rng_state(rngs[info.rank], self.device)
+            return
+        _log(
+            f"warning: checkpoint holds RNG states for {len(rngs)} rank(s), running on "
+            f"{info.world_size}; reseeding",
+            info,
+        )
+        seed_everything(self.settings.seed * 7919 + self.step * 31 + info.rank)
+
+    def _write_run_description(self) -> None:
+        """run.json: spec, recipe, data, seed, length, world size and arguments (rank 0)."""
+        if not self.info.main:
+            return
+        s = self.settings
+        os.makedirs(self.run_dir, exist_ok=True)
+        with open(os.path.join(self.run_dir, "run.json"), "w") as f:
+            json.dump(
+                {
+                    "model_spec": s.spec,
+                    "recipe": _plain(s.recipe),
+                    "data": s.data_name,
+                    "data_dir": s.data_dir,
+                    "seed": s.seed,
+                    "total_steps": self.total_steps,
+                    "world_size": self.info.world_size,
+                    "args": _plain(dataclasses.asdict(self.args)),
+                },
+                f,
+                indent=2,
+            )
+
+    # --------------------------------------------------------------------- one step
+
+    def train_step(self) -> float:
+        """One iteration: set the learning rate, take the next batch, backpropagate the loss,
+        clip the gradient and update (or skip a non-finite iteration). Returns the lr."""
+        lr = learning_rate(self.step + 1, self.settings.recipe)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        bpd, finite = self._backward(self.stream.next().to(self.device))
+        gnorm = self._gradient_norm()
+        ok = finite and math.isfinite(gnorm)
+        self._update_or_skip(ok)
+        self.step += 1
+        self.window.add(bpd, gnorm, ok, self.stream.batch_size)
+        if not ok:
+            self._record_skip(bpd, gnorm)
+        return lr
+
+    def _backward(self, x: torch.Tensor) -> tuple[float, bool]:
+        """Backpropagate the loss (bits/dim) of batch ``x``; returns the loss (the mean over
+        ranks) and whether it was finite on every rank."""
+        self.model.train()
+        elbo = self.objective(x)
+        loss = -elbo.mean() / (self.dims * LN2)  # bits/dim
+        loss.backward()
+        lval = loss.detach().double()
+        stats = torch.stack([lval, (~torch.isfinite(lval)).double()])  # on the device
+        if self.info.enabled:
+            dist.all_reduce(stats)  # (nccl needs device tensors) sum over ranks
+            stats[0] /= self.info.world_size  # mean bpd; stats[1] > 0: any rank non-finite
+        stats = stats.cpu()
+        return stats[0].item(), stats[1].item() == 0
+
+    def _gradient_norm(self) -> float:
+        """The global gradient norm, before clipping (clips it when the recipe says so)."""
+        if self.grad_clip:
+            return torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip).item()
+        return torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in self.params if p.grad is not None])
+        ).item()
+
+    def _update_or_skip(self, ok: bool) -> None:
+        """Apply the optimiser and EMA updates if ``ok``, else count a skipped iteration."""
+        if ok:
+            self.opt.step()
+            self.ema.update(self.model)
+            self.bad_streak = 0
+        else:
+            self.bad_streak += 1
+            self.skipped += 1
+        self.opt.zero_grad(set_to_none=True)
+
+    def _record_skip(self, bpd: float, gnorm: float) -> None:
+        """A "skip" row; NonFiniteError after ``max_bad_steps`` skips in a row."""
+        self._write_metrics(
+            {
+                "kind": "skip",
+                "step": self.step,
+                "loss": bpd,
+                "grad_norm": gnorm,
+                "streak": self.bad_streak,
+                "skipped": self.skipped,
+            }
+        )
+        if self.bad_streak >= self.args.max_bad_steps:
+            raise NonFiniteError(
+                f"{self.bad_streak} consecutive steps with a non-finite loss or gradient "
+                f"(last at step {self.step}); stopping. The last good checkpoint is "
+                f"{self.last_ckpt or '(none written yet)'}"
+            )
+
+    # --------------------------------------------------------------------- metrics
+
+    def _write_metrics(self, row: dict) -> None:
+        """Append a row to metrics.jsonl (rank 0)."""
+        if self.info.main:
+            with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def checkpoint(reason: str, collective: bool = True) -> str | None:
-        rng = get_rng_state(device)
-        if info.enabled and collective:
-            rngs = [None] * info.world_size
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng] + [None] * (info.world_size - 1)
-        if not info.main:
-            return None
-        state = {
-            "format": 1,
-            "reason": reason,
-            "step": step,
-            "total_steps": total_steps,
-            "skipped": skipped,
-            "model": model.state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": opt.state_dict(),
-            "data_position": stream.state_dict(),
-            "rng": rngs,
-            "model_spec": spec,
-            "recipe": _plain(recipe),
-            "seed": seed,
-            "data": data_name,
-            "data_dir": data_dir,
-            "world_size": info.world_size,
-            "args": _plain(dataclasses.asdict(args)),
-        }
-        return save_checkpoint(state, run_dir, step, keep=args.keep)
+    def _log_training(self, lr: float) -> None:
+        """Write the "train" row of the iterations since the last one and start a new window."""
+        row = self.window.row(self.step, self.stream.epoch, lr, self.skipped)
+        self._write_metrics(row)
+        if self.bar is not None:
+            self.bar.set_postfix(
+                bpd=f"{row['train_bpd']:.3f}" if self.window.n else "nan",
+                lr=f"{lr:.2e}",
+                img_s=f"{row['img_per_s']:.0f}",
+                skip=self.skipped,
+            )
+        self.window = TrainWindow()
 
-    def ema_model() -> nn.Module:
-        m = copy.deepcopy(model)
-        ema.copy_to(m)
-        return m
+    # --------------------------------------------------------------------- evaluation
 
-    def periodic_eval(final: bool = False) -> dict:
-        m = ema_model()
+    def ema_model(self) -> nn.Module:
+        """A copy of the model holding the EMA weights."""
+        return self.ema.copy_to(copy.deepcopy(self.model))
+
+    def evaluate_ema(self, final: bool = False) -> dict:
+        """Test ELBO of the EMA weights (periodic: on ``eval_images`` images; final: on the
+        whole split, with the importance-weighted bound), an "eval" row and a sample grid."""
+        args, model = self.args, self.ema_model()
         res = evaluate(
-            m,
-            test_data,
+            model,
+            self.test_data,
             batch_size=args.eval_batch_size,
             samples=args.iw_samples if final else 0,
-            device=device,
-            seed=seed,
+            device=self.device,
+            seed=self.settings.seed,
             max_images=None if final else args.eval_images,
             progress=final and args.progress,
             desc="test (IW)",
         )
-        write_metrics({"kind": "eval", "step": step, "final": final, **res})
-        if info.main and args.n_samples:
-            x = draw_samples(m, args.n_samples, seed=seed, device=device)
-            name = "samples.png" if final else f"samples-{step:08d}.png"
-            save_grid(
-                x,
-                train_data.n_bins,
-                os.path.join(run_dir, name),
-                title=f"{spec['name']} step {step} (EMA)",
-            )
+        self._write_metrics({"kind": "eval", "step": self.step, "final": final, **res})
+        if self.info.main and args.n_samples:
+            self._save_samples(model, final)
         return res
 
-    bar = None
-    if info.main and args.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    bad_streak = 0
-    acc = {"bpd": 0.0, "n": 0, "gnorm": 0.0, "t0": time.perf_counter(), "imgs": 0}
-    last_ckpt = ckpt_path
-    final = None
-    try:
-        while step < total_steps:
-            lr = learning_rate(step + 1, recipe)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x = stream.next().to(device)
-            model.train()
-            elbo = objective(x)
-            loss = -elbo.mean() / (dims * LN2)  # bits/dim
-            loss.backward()
-            lval = loss.detach().double()
-            stats = torch.stack([lval, (~torch.isfinite(lval)).double()])  # on the device
-            if info.enabled:
-                dist.all_reduce(stats)  # (nccl needs device tensors) sum over ranks
-                stats[0] /= info.world_size  # mean bpd; stats[1] > 0: any rank non-finite
-            stats = stats.cpu()
-            if grad_clip:
-                gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
-            else:
-                gnorm = torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in params if p.grad is not None])
-                ).item()
-            ok = stats[1].item() == 0 and math.isfinite(gnorm)
-            if ok:
-                opt.step()
-                ema.update(model)
-                bad_streak = 0
-            else:
-                bad_streak += 1
-                skipped += 1
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if ok:
-                acc["bpd"] += stats[0].item()
-                acc["gnorm"] += gnorm
-                acc["n"] += 1
-            acc["imgs"] += stream.batch_size
-            if not ok:
-                write_metrics(
-                    {
-                        "kind": "skip",
-                        "step": step,
-                        "loss": stats[0].item(),
-                        "grad_norm": gnorm,
-                        "streak": bad_streak,
-                        "skipped": skipped,
-                    }
-                )
-                if bad_streak >= args.max_bad_steps:
-                    raise NonFiniteError(
-                        f"{bad_streak} consecutive steps with a non-finite loss or gradient "
-                        f"(last at step {step}); stopping. The last good checkpoint is "
-                        f"{last_ckpt or '(none written yet)'}"
-                    )
-            if step % args.log_every == 0 or step == total_steps:
-                dt = time.perf_counter() - acc["t0"]
-                row = {
-                    "kind": "train",
-                    "step": step,
-                    "epoch": stream.epoch,
-                    "lr": lr,
-                    "train_bpd": acc["bpd"] / acc["n"] if acc["n"] else None,
-                    "grad_norm": acc["gnorm"] / acc["n"] if acc["n"] else None,
-                    "img_per_s": acc["imgs"] / dt if dt > 0 else None,
-                    "skipped": skipped,
-                    "time": time.time(),
-                }
-                write_metrics(row)
-                if bar is not None:
-                    bar.set_postfix(
-                        bpd=f"{row['train_bpd']:.3f}" if acc["n"] else "nan",
-                        lr=f"{lr:.2e}",
-                        img_s=f"{row['img_per_s']:.0f}",
-                        skip=skipped,
-                    )
-                acc = {"bpd": 0.0, "n": 0, "gnorm": 0.0, "t0": time.perf_counter(), "imgs": 0}
-            if bar is not None:
-                bar.update(1)
-            if args.eval_every and step % args.eval_every == 0 and step < total_steps:
-                res = periodic_eval()
-                if bar is not None:
-                    bar.write(
-                        f"step {step}: test ELBO {res['elbo_bpd']:.4f} bits/dim (EMA, "
-                        f"{res['n']} images)"
-                    )
-            if (
-                args.ckpt_every
-                and step % args.ckpt_every == 0
-                and bad_streak == 0
-                and step < total_steps
-            ):
-                last_ckpt = checkpoint("periodic") or last_ckpt
-    except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
-            bar = None
-        path = checkpoint("interrupt", collective=False)
-        _log(
-            f"\ninterrupted at step {step}; checkpoint written to {path}; continue with "
-            f"--resume --out {run_dir}",
-            info,
+    def _save_samples(self, model: nn.Module, final: bool) -> None:
+        """A grid of ``n_samples`` samples: samples.png at the end, else samples-<step>.png."""
+        x = draw_samples(model, self.args.n_samples, seed=self.settings.seed, device=self.device)
+        name = "samples.png" if final else f"samples-{self.step:08d}.png"
+        save_grid(
+            x,
+            self.train_data.n_bins,
+            os.path.join(self.run_dir, name),
+            title=f"{self.settings.spec['name']} step {self.step} (EMA)",
         )
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    last_ckpt = checkpoint("final") or last_ckpt
-    if args.final_eval:
-        final = periodic_eval(final=True)
-        if info.main:
-            plot_loss_curve(
-                metrics_path,
-                os.path.join(run_dir, "loss.png"),
-                title=f"{spec['name']} on {data_name}",
+
+    def _periodic_eval(self) -> None:
+        res = self.evaluate_ema()
+        if self.bar is not None:
+            self.bar.write(
+                f"step {self.step}: test ELBO {res['elbo_bpd']:.4f} bits/dim (EMA, "
+                f"{res['n']} images)"
             )
-    return TrainResult(run_dir, step, model, ema, final, skipped, last_ckpt)
+
+    # --------------------------------------------------------------------- checkpoints
+
+    def write_checkpoint(self, reason: str, collective: bool = True) -> str | None:
+        """Write ``ckpt-<step>.pt`` (rank 0; returns its path, None on other ranks). With
+        ``collective``, every rank must call it: rank 0 gathers all the RNG states."""
+        rngs = self._rng_states(collective)
+        if not self.info.main:
+            return None
+        state = self._checkpoint_state(reason, rngs)
+        return save_checkpoint(state, self.run_dir, self.step, keep=self.args.keep)
+
+    def _rng_states(self, collective: bool) -> list:
+        """The RNG states of every rank (gathered), or rank 0's alone (``collective=False``)."""
+        rng = get_rng_state(self.device)
+        if self.info.enabled and collective:
+            rngs = [None] * self.info.world_size
+            dist.all_gather_object(rngs, rng)
+            return rngs
+        return [rng] + [None] * (self.info.world_size - 1)
+
+    def _checkpoint_state(self, reason: str, rngs: list) -> dict:
+        s = self.settings
+        return {
+            "format": 1,
+            "reason": reason,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "skipped": self.skipped,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "data_position": self.stream.state_dict(),
+            "rng": rngs,
+            "model_spec": s.spec,
+            "recipe": _plain(s.recipe),
+            "seed": s.seed,
+            "data": s.data_name,
+            "data_dir": s.data_dir,
+            "world_size": self.info.world_size,
+            "args": _plain(dataclasses.asdict(self.args)),
+        }
+
+    # --------------------------------------------------------------------- the loop
+
+    def run(self) -> TrainResult:
+        """Train to ``total_steps`` with the periodic logs, evaluations and checkpoints,
+        then write the final checkpoint and evaluation. Ctrl-C writes a checkpoint."""
+        self._open_progress_bar()
+        self.window = TrainWindow()
+        try:
+            while self.step < self.total_steps:
+                lr = self.train_step()
+                self._after_step(lr)
+        except KeyboardInterrupt:
+            self._checkpoint_on_interrupt()
+            raise
+        finally:
+            self._close_progress_bar()
+        return self._finish()
+
+    def _due(self, every: int) -> bool:
+        """Whether a periodic action every ``every`` steps (0 = never) is due before the end."""
+        return bool(every) and self.step % every == 0 and self.step < self.total_steps
+
+    def _after_step(self, lr: float) -> None:
+        """Logs, progress, periodic evaluation and checkpoint after an iteration."""
+        if self.step % self.args.log_every == 0 or self.step == self.total_steps:
+            self._log_training(lr)
+        if self.bar is not None:
+            self.bar.update(1)
+        if self._due(self.args.eval_every):
+            self._periodic_eval()
+        if self._due(self.args.ckpt_every) and self.bad_streak == 0:
+            self.last_ckpt = self.write_checkpoint("periodic") or self.last_ckpt
+
+    def _checkpoint_on_interrupt(self) -> None:
+        self._close_progress_bar()
+        path = self.write_checkpoint("interrupt", collective=False)
+        _log(
+            f"\ninterrupted at step {self.step}; checkpoint written to {path}; continue with "
+            f"--resume --out {self.run_dir}",
+            self.info,
+        )
+
+    def _finish(self) -> TrainResult:
+        """The final checkpoint, the final evaluation and loss curve (if asked for)."""
+        self.last_ckpt = self.write_checkpoint("final") or self.last_ckpt
+        final = None
+        if self.args.final_eval:
+            final = self.evaluate_ema(final=True)
+            if self.info.main:
+                plot_loss_curve(
+                    self.metrics_path,
+                    os.path.join(self.run_dir, "loss.png"),
+                    title=f"{self.settings.spec['name']} on {self.settings.data_name}",
+                )
+        return TrainResult(
+            self.run_dir, self.step, self.model, self.ema, final, self.skipped, self.last_ckpt
+        )
+
+    def _open_progress_bar(self) -> None:
+        if self.info.main and self.args.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=self.total_steps,
+                initial=self.step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+            )
+
+    def _close_progress_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
