@@ -114,8 +114,8 @@ def test_imagenet_bad_files(tmp_path, problem):
 
 
 def test_unknown_dataset():
-    with pytest.raises(ValueError, match="digits, cifar10"):
-        D.load_dataset("mnist")
+    with pytest.raises(ValueError, match="digits, cifar10, .*fashion-mnist, mnist"):
+        D.load_dataset("svhn")
 
 
 def _toy(n=20, flip=False):
@@ -164,3 +164,168 @@ def test_batch_stream_resume_and_shards_cover_the_global_batch():
 def test_shard_indices_partition():
     parts = [D.shard_indices(10, r, 3) for r in range(3)]
     assert [list(p) for p in parts] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+
+
+# ----------------------------------------------------------------------------- IDX (MNIST)
+
+
+def _idx_bytes(arr, magic=0x00000803):
+    """An IDX file's bytes: big-endian magic, big-endian int32 sizes, then the uint8 values."""
+    arr = np.asarray(arr, dtype=np.uint8)
+    head = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    return head + arr.tobytes()
+
+
+def _write_idx(root, n_train=24, n_test=7, gz=True, seed=0, size=28):
+    """Train and t10k image files (gzipped or raw) in ``root``; returns the two arrays."""
+    import gzip
+
+    rng = np.random.RandomState(seed)
+    out = {}
+    for stem, n in (("train-images-idx3-ubyte", n_train), ("t10k-images-idx3-ubyte", n_test)):
+        arr = rng.randint(0, 256, size=(n, size, size), dtype=np.uint8)
+        raw = _idx_bytes(arr)
+        if gz:
+            (root / (stem + ".gz")).write_bytes(gzip.compress(raw))
+        else:
+            (root / stem).write_bytes(raw)
+        out[stem] = arr
+    return out
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gzip", "raw"])
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_idx_loader_reads_generated_files_and_holds_out_a_fixed_validation_split(
+    tmp_path, gz, name
+):
+    arrs = _write_idx(tmp_path, n_train=24, n_test=7, gz=gz)
+    tr, va, te = (D.load_dataset(name, s, str(tmp_path)) for s in ("train", "valid", "test"))
+    assert (tr.name, tr.split, va.split, te.split) == (name, "train", "valid", "test")
+    assert tr.images.dtype == torch.uint8 and tr.images.shape == (20, 1, 28, 28)
+    assert va.images.shape == (4, 1, 28, 28)  # a sixth of 24 (10,000 of 60,000)
+    assert tr.n_bins == va.n_bins == te.n_bins == 256 and tr.shape == (1, 28, 28)
+    assert torch.equal(te.images[:, 0], torch.from_numpy(arrs["t10k-images-idx3-ubyte"]))
+    # train + valid is a partition of the file's images, in file order within each split
+    train_idx, valid_idx = D.idx_split_indices(24)
+    full = torch.from_numpy(arrs["train-images-idx3-ubyte"])
+    assert torch.equal(tr.images[:, 0], full[train_idx]) and torch.equal(
+        va.images[:, 0], full[valid_idx]
+    )
+    assert sorted(train_idx.tolist() + valid_idx.tolist()) == list(range(24))
+
+
+def test_idx_split_is_deterministic_disjoint_and_sized_like_the_paper():
+    tr, va = D.idx_split_indices(60_000)
+    assert len(va) == 10_000 and len(tr) == 50_000
+    assert not set(tr.tolist()) & set(va.tolist())
+    tr2, va2 = D.idx_split_indices(60_000)
+    assert np.array_equal(tr, tr2) and np.array_equal(va, va2)
+    assert not np.array_equal(va, D.idx_split_indices(60_000, seed=1)[1])
+
+
+@pytest.mark.parametrize(
+    "problem", ["missing", "truncated", "too_long", "wrong_magic", "labels_file", "bad_gzip"]
+)
+@pytest.mark.parametrize("gz", [True, False], ids=["gzip", "raw"])
+def test_idx_bad_files_name_the_file(tmp_path, problem, gz):
+    import gzip
+
+    _write_idx(tmp_path, gz=gz)
+    stem = "t10k-images-idx3-ubyte"
+    path = tmp_path / (stem + (".gz" if gz else ""))
+    good = _idx_bytes(np.zeros((7, 28, 28), np.uint8))
+    bad = {
+        "truncated": good[:-100],
+        "too_long": good + b"\0",
+        "wrong_magic": b"\0\0\x0d\x03" + good[4:],  # type 0x0d (float) instead of 0x08
+        "labels_file": _idx_bytes(np.zeros(7, np.uint8), magic=0x00000801),
+    }
+    if problem == "missing":
+        path.unlink()
+        match = r"IDX file not found: neither t10k-images-idx3-ubyte.gz nor t10k-images-idx3-ubyte"
+    elif problem == "bad_gzip":
+        if not gz:
+            pytest.skip("a gzip problem needs a .gz file")
+        path.write_bytes(gzip.compress(good)[:-20])  # cut inside the compressed stream
+        match = "cannot read IDX file"
+    else:
+        path.write_bytes(gzip.compress(bad[problem]) if gz else bad[problem])
+        match = {
+            "truncated": "is truncated",
+            "too_long": "longer than its header says",
+            "wrong_magic": "magic 0x00000d03, expected 0x00000803",
+            "labels_file": "magic 0x00000801, expected 0x00000803",
+        }[problem]
+    with pytest.raises(D.DataError, match=match) as err:
+        D.load_dataset("mnist", "test", str(tmp_path))
+    assert str(path.name) in str(err.value) or stem in str(err.value)
+    assert "train-images-idx3-ubyte" in str(err.value)  # the layout is spelled out
+    D.load_dataset("mnist", "train", str(tmp_path))  # the other file still loads
+
+
+def test_idx_header_only_and_empty_files(tmp_path):
+    (tmp_path / "x").write_bytes(b"\0\0")
+    with pytest.raises(D.DataError, match=r"x is truncated: 2 bytes, no header"):
+        D.read_idx(str(tmp_path / "x"))
+    (tmp_path / "y").write_bytes(b"\0\0\x08\x03\0\0")
+    with pytest.raises(D.DataError, match="truncated inside its header"):
+        D.read_idx(str(tmp_path / "y"))
+
+
+def test_mnist_needs_a_directory_and_fashion_defaults_to_debian(tmp_path):
+    with pytest.raises(D.DataError, match="MNIST: no data directory; pass --data-dir"):
+        D.load_dataset("mnist", "train")
+    with pytest.raises(D.DataError, match="directory not found"):
+        D.load_dataset("mnist", "train", str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="unknown split 'validation'"):
+        D.load_dataset("mnist", "validation", str(tmp_path))
+    assert D.FASHION_MNIST_DIR == "/usr/share/datasets/fashion-mnist"
+    assert D.default_dataset_for("vflow-fashion") == "fashion-mnist"
+    assert D.default_dataset_for("flowpp-fashion") == "fashion-mnist"
+    assert D.default_dataset_for("vflow-digits") == "digits"
+
+
+def test_avg_pool_rounds_block_means_and_checks_the_factor():
+    imgs = torch.tensor([[0, 1, 255, 255], [1, 1, 254, 255], [3, 3, 7, 8], [3, 4, 9, 9]])
+    data = D.ImageData("t", "train", imgs.to(torch.uint8).view(1, 1, 4, 4), n_bins=256)
+    pooled = D.avg_pool(data, 2)
+    # block sums 3, 1019, 13, 33 -> (s + 2) // 4
+    assert pooled.images.view(-1).tolist() == [1, 255, 3, 8]
+    assert pooled.images.dtype == torch.uint8 and pooled.n_bins == 256 and pooled.name == "t"
+    assert torch.equal(D.avg_pool(data, 1).images, data.images)
+    with pytest.raises(ValueError, match="factor 3 does not divide"):
+        D.avg_pool(data, 3)
+    with pytest.raises(ValueError, match="factor must be a positive int"):
+        D.avg_pool(data, 0)
+
+
+FASHION = D.FASHION_MNIST_DIR
+
+
+@pytest.mark.skipif(
+    not os.path.isfile(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
+    reason=f"Fashion-MNIST not installed in {FASHION} (apt-get install dataset-fashion-mnist)",
+)
+def test_real_fashion_mnist_counts_and_checksum_against_an_independent_reading():
+    import gzip
+    import hashlib
+
+    def independent(stem):  # gunzip, skip the 16-byte header, nothing else shared
+        with open(os.path.join(FASHION, stem + ".gz"), "rb") as f:
+            raw = gzip.decompress(f.read())
+        return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+
+    tr, va, te = (D.load_dataset("fashion-mnist", s) for s in ("train", "valid", "test"))
+    assert (len(tr), len(va), len(te)) == (50_000, 10_000, 10_000)
+    assert tr.shape == (1, 28, 28) and tr.images.dtype == torch.uint8
+    full = independent("train-images-idx3-ubyte")
+    test = independent("t10k-images-idx3-ubyte")
+    assert full.shape == (60_000, 28, 28) and test.shape == (10_000, 28, 28)
+    sha = lambda a: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()  # noqa: E731
+    assert sha(te.images[:, 0].numpy()) == sha(test)
+    train_idx, valid_idx = D.idx_split_indices(60_000)
+    assert sha(tr.images[:, 0].numpy()) == sha(full[train_idx])
+    assert sha(va.images[:, 0].numpy()) == sha(full[valid_idx])
+    # the pixel sums of train + valid add up to the whole file's
+    total = int(tr.images.sum(dtype=torch.int64)) + int(va.images.sum(dtype=torch.int64))
+    assert total == int(full.sum(dtype=np.int64))

@@ -64,17 +64,22 @@ def test_tiny_run_writes_csv_and_plot(script, tmp_path):
     assert list(table[0]) == [
         "name",
         "extra_channels",
+        "blocks",
         "params",
         "bpd_iw_mean",
         "bpd_iw_std",
         "bpd_elbo_mean",
+        "bpd_elbo_std",
         "seeds",
         "steps",
+        "samples",
+        "test_images",
     ]
     for r in table:
         assert int(r["extra_channels"]) == script.extra_channels(r["name"])
         assert int(r["params"]) == counts[r["name"]]["total"]
         assert int(r["seeds"]) == 1 and int(r["steps"]) == 3
+        assert int(r["test_images"]) == 359 and int(r["samples"]) == 2
         iw, elbo = float(r["bpd_iw_mean"]), float(r["bpd_elbo_mean"])
         assert math.isfinite(iw) and math.isfinite(elbo)
         # 17 levels: a model at (or not far from) initialisation is in 1..10 bits/dim,
@@ -89,6 +94,45 @@ def test_tiny_run_writes_csv_and_plot(script, tmp_path):
     png = tmp_path / "bpd_bar.png"
     assert png.stat().st_size > 5_000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "curves.csv").exists()  # --eval-every defaults to 0 for digits
+
+
+def test_shared_loop_gives_the_package_trainers_weights(script, tmp_path):
+    """_ablation.train_run is vflow.train.train's loop: same init, batches, noise, updates.
+    (The digits numbers in digits_ablation.py were measured with the trainer.)"""
+    import _ablation
+
+    import vflow
+    from vflow.data import load_dataset
+    from vflow.train import TrainArgs, get_recipe, train
+
+    res = train(
+        TrainArgs(
+            config="flowpp-digits",
+            data="digits",
+            out=str(tmp_path / "run"),
+            steps=3,
+            seed=2,
+            eval_every=0,
+            ckpt_every=0,
+            final_eval=False,
+            n_samples=0,
+            progress=False,
+            num_threads=1,
+        )
+    )
+    model, ema, curves, skipped = _ablation.train_run(
+        lambda: vflow.build("flowpp-digits"),
+        load_dataset("digits", "train"),
+        get_recipe("flowpp-digits"),
+        3,
+        2,
+    )
+    assert skipped == 0 and curves == []
+    for k, v in res.model.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    for k, v in res.ema.params.items():
+        assert torch.equal(v, ema.params[k]), k
 
 
 def test_quick_preset_and_bad_arguments(script):

@@ -12,6 +12,13 @@ the model as ``long`` values in ``[0, n_bins)``.
 * ``imagenet32`` / ``imagenet64``: the downsampled-ImageNet ``.npz`` release in ``--data-dir``
   (``train_data_batch_1.npz`` .. ``train_data_batch_10.npz`` and ``val_data.npz``, key
   ``"data"``: uint8 ``(N, 3*H*W)`` channel-major). The "test" split is ``val_data.npz``.
+* ``fashion-mnist`` / ``mnist``: the IDX files ``train-images-idx3-ubyte`` (60,000 images)
+  and ``t10k-images-idx3-ubyte`` (10,000), gzipped (``.gz``) or raw, in ``--data-dir``
+  (Fashion-MNIST default: :data:`FASHION_MNIST_DIR`, where Debian's ``dataset-fashion-mnist``
+  installs them; MNIST has no default). 28x28, 256 grey levels, shape ``(N, 1, 28, 28)``.
+  Splits: "valid" is a fixed-seed random 10,000 of the 60,000 training images (as the
+  paper's section 6.2 holds out 10,000 CIFAR-10 training images), "train" the other 50,000,
+  "test" the official 10,000 (t10k). Labels are not read.
 
 Batch order (:class:`BatchStream`): epoch ``e`` visits the training set in the permutation
 drawn from ``torch.Generator().manual_seed(seed * 1_000_003 + e)``; global batch ``i`` is
@@ -25,15 +32,23 @@ batch sees.
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-DATASETS = ("digits", "cifar10", "imagenet32", "imagenet64")
+DATASETS = ("digits", "cifar10", "imagenet32", "imagenet64", "fashion-mnist", "mnist")
+
+#: Where Debian's ``dataset-fashion-mnist`` package puts the IDX files.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+#: Images held out of the 60,000 IDX training images as the "valid" split.
+IDX_VALID_SIZE = 10_000
 
 CIFAR_LAYOUT = (
     "expected the CIFAR-10 python batches: data_batch_1 .. data_batch_5 and test_batch, "
@@ -44,6 +59,12 @@ IMAGENET_LAYOUT = (
     "expected the downsampled ImageNet .npz batches: train_data_batch_1.npz .. "
     "train_data_batch_10.npz and val_data.npz, each with key 'data' (uint8, shape "
     "(N, 3*{r}*{r}), channel-major) (as in Imagenet{r}_train_npz / Imagenet{r}_val_npz)"
+)
+IDX_LAYOUT = (
+    "expected the IDX files train-images-idx3-ubyte and t10k-images-idx3-ubyte, gzipped "
+    "(.gz) or raw: a big-endian header (magic 0x00000803 = unsigned bytes, 3 dimensions; "
+    "then N, 28, 28 as int32) followed by N*28*28 pixel bytes (as on "
+    "yann.lecun.com/exdb/mnist or github.com/zalandoresearch/fashion-mnist)"
 )
 
 
@@ -167,10 +188,129 @@ def load_imagenet(data_dir: str, res: int, split: str = "train", flip: bool = Fa
     return ImageData(f"imagenet{res}", split, images, n_bins=256, flip=flip and split == "train")
 
 
+# ----------------------------------------------------------------------------- IDX (MNIST)
+
+IDX_UBYTE = 0x08  # IDX type code of unsigned bytes (MNIST images and labels)
+
+
+def read_idx(path: str, ndim: int | None = None) -> np.ndarray:
+    """The array stored in the IDX file ``path`` (gzip-compressed or raw, told apart by the
+    gzip magic bytes 1f 8b, not by the file name).
+
+    Layout (LeCun et al., the MNIST page): bytes 0-1 zero, byte 2 the type code (0x08 =
+    unsigned byte, the only one read here), byte 3 the number of dimensions d; then d
+    big-endian int32 sizes; then prod(sizes) values in C order. Images are magic
+    0x00000803 (d = 3: N, rows, cols), labels 0x00000801 (d = 1). ``ndim`` (if given) is
+    the required d. Returns a uint8 array of those sizes. DataError, naming the file, when
+    it is missing, not gzip-decodable, has a wrong magic / type / ``ndim``, or is shorter or
+    longer than its header says.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"IDX file not found: {path}; {IDX_LAYOUT}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+        raise DataError(f"cannot read IDX file {path}: {e}; {IDX_LAYOUT}") from e
+    if len(raw) < 4:
+        raise DataError(f"IDX file {path} is truncated: {len(raw)} bytes, no header; {IDX_LAYOUT}")
+    magic = int.from_bytes(raw[:4], "big")
+    d = raw[3]
+    if raw[:2] != b"\0\0" or raw[2] != IDX_UBYTE or (ndim is not None and d != ndim):
+        want = f"0x{0x800 + (ndim or 3):08x}"
+        raise DataError(
+            f"IDX file {path} has magic 0x{magic:08x}, expected {want} "
+            f"(unsigned bytes, {ndim or 3} dimensions); {IDX_LAYOUT}"
+        )
+    header = 4 + 4 * d
+    if len(raw) < header:
+        raise DataError(f"IDX file {path} is truncated inside its header; {IDX_LAYOUT}")
+    sizes = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(d))
+    expected = header + int(np.prod(sizes, dtype=np.int64))
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "longer than its header says"
+        raise DataError(
+            f"IDX file {path} is {what}: {len(raw)} bytes, header {sizes} needs {expected}; "
+            f"{IDX_LAYOUT}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(sizes)
+
+
+def _idx_path(data_dir: str, stem: str) -> str:
+    """``stem.gz`` if present, else ``stem`` (raw), else the ``.gz`` name (for the error)."""
+    for name in (stem + ".gz", stem):
+        if os.path.isfile(os.path.join(data_dir, name)):
+            return os.path.join(data_dir, name)
+    raise DataError(f"IDX file not found: neither {stem}.gz nor {stem} in {data_dir}; {IDX_LAYOUT}")
+
+
+def idx_split_indices(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train, valid) indices of ``n`` IDX training images, each sorted: ``valid`` is the first
+    ``min(IDX_VALID_SIZE, n // 6)`` entries (10,000 of 60,000) of
+    ``np.random.RandomState(seed).permutation(n)``, ``train`` the rest. Disjoint, covering,
+    and a pure function of ``(n, seed)``."""
+    perm = np.random.RandomState(seed).permutation(n)
+    n_valid = min(IDX_VALID_SIZE, n // 6)
+    return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
+
+
+def load_mnist(
+    data_dir: str | None, split: str = "train", name: str = "mnist", seed: int = 0
+) -> ImageData:
+    """MNIST-format grey-level images (MNIST, Fashion-MNIST) from the IDX files in
+    ``data_dir``: uint8 ``(N, 1, 28, 28)`` (any rows x cols the files hold), ``n_bins = 256``.
+
+    ``split``: "train" (the 60,000 training images minus the held-out ones: 50,000),
+    "valid" (the fixed-seed 10,000 of :func:`idx_split_indices`) or "test" (t10k). ``name``
+    is the dataset name used in messages and in ``ImageData.name``.
+    """
+    label = "Fashion-MNIST" if name == "fashion-mnist" else "MNIST"
+    if split not in ("train", "valid", "test"):
+        raise ValueError(f"unknown split {split!r} (use 'train', 'valid' or 'test')")
+    if data_dir is None:
+        raise DataError(
+            f"{label}: no data directory; pass --data-dir (data_dir) with the IDX files; "
+            f"{IDX_LAYOUT}"
+        )
+    if not os.path.isdir(data_dir):
+        raise DataError(f"{label} directory not found: {data_dir!r}; {IDX_LAYOUT}")
+    stem = "t10k-images-idx3-ubyte" if split == "test" else "train-images-idx3-ubyte"
+    x = read_idx(_idx_path(data_dir, stem), ndim=3)
+    if split != "test":
+        train_idx, valid_idx = idx_split_indices(len(x), seed)
+        x = x[train_idx if split == "train" else valid_idx]
+    x = x if x.flags.writeable else x.copy()  # frombuffer views are read-only
+    images = torch.from_numpy(np.ascontiguousarray(x))[:, None]
+    return ImageData(name, split, images, n_bins=256)
+
+
+def avg_pool(data: ImageData, factor: int = 2) -> ImageData:
+    """``data`` downsampled by averaging ``factor x factor`` pixel blocks, rounded half up to
+    an integer so the levels stay in ``[0, n_bins)``: ``(sum + factor^2 // 2) // factor^2``.
+    (28x28 Fashion-MNIST -> 14x14 with ``factor=2``.) H and W must be divisible by it."""
+    if not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"avg_pool: factor must be a positive int, got {factor!r}")
+    n, c, h, w = data.images.shape
+    if h % factor or w % factor:
+        raise ValueError(f"avg_pool: factor {factor} does not divide the {h}x{w} images")
+    blocks = data.images.view(n, c, h // factor, factor, w // factor, factor).int()
+    area = factor * factor
+    pooled = (blocks.sum((3, 5)) + area // 2) // area
+    return dataclasses.replace(data, images=pooled.to(torch.uint8))
+
+
 def load_dataset(
     name: str, split: str = "train", data_dir: str | None = None, flip: bool = False
 ) -> ImageData:
-    """Dispatch on the dataset name (one of :data:`DATASETS`)."""
+    """Dispatch on the dataset name (one of :data:`DATASETS`). ``split`` is "train" or "test"
+    for every dataset; the IDX datasets also have "valid". ``data_dir`` defaults to
+    :data:`FASHION_MNIST_DIR` for fashion-mnist (required for cifar10, imagenet*, mnist)."""
+    if name in ("fashion-mnist", "mnist"):
+        if data_dir is None and name == "fashion-mnist":
+            data_dir = FASHION_MNIST_DIR
+        return load_mnist(data_dir, split, name=name)
     if name == "digits":
         return load_digits(split)
     if name == "cifar10":
@@ -185,6 +325,8 @@ def default_dataset_for(config_name: str) -> str:
     for name in DATASETS:
         if config_name.endswith(name):
             return name
+    if config_name.endswith("-fashion"):  # flowpp-fashion, vflow-fashion
+        return "fashion-mnist"
     return "digits"
 
 
