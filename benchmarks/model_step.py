@@ -275,42 +275,13 @@ def _checkpointing_memory(model, step, out: dict, device: str) -> None:
 
 
 def graph_kept_bytes(model, step) -> int:
-    """Bytes the autograd graph of one training forward keeps for the backward: the tensors
-    saved for backward plus the inputs of checkpointed regions (which non-reentrant
-    checkpointing holds instead of the region's saved tensors), each storage counted once.
-    Deterministic and independent of the allocator. Runs (and discards) one forward."""
-    import torch
+    """Bytes the autograd graph of one training forward keeps for the backward
+    (:func:`vflow.testing.graph_kept_bytes`); runs and discards one forward."""
+    from vflow.testing import graph_kept_bytes as kept
 
-    from vflow import flows
-
-    storages: dict = {}
-
-    def note(t) -> None:
-        if isinstance(t, torch.Tensor):
-            st = t.untyped_storage()
-            storages[(t.device, st.data_ptr())] = st.nbytes()
-
-    def pack(t):
-        note(t)
-        return t
-
-    plain_checkpoint = flows.checkpoint
-
-    def counting_checkpoint(fn, *args, **kwargs):
-        for a in args:
-            note(a)
-        return plain_checkpoint(fn, *args, **kwargs)
-
-    x = step.images
-    flows.checkpoint = counting_checkpoint
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = step.objective(x).mean()
-    finally:
-        flows.checkpoint = plain_checkpoint
-    del loss
+    n = kept(lambda: step.objective(step.images).mean())
     model.zero_grad(set_to_none=True)
-    return sum(storages.values())
+    return n
 
 
 def _rss_kib(field: str) -> int | None:

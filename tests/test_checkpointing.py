@@ -17,6 +17,7 @@ import torch._inductor.config
 import vflow
 from vflow import flows
 from vflow.models import CONFIGS, f_affine, f_checker, g_checker
+from vflow.testing import graph_kept_bytes
 
 GRANULARITIES = ("net", "step")
 
@@ -196,34 +197,8 @@ def test_torch_compile(calls, one_thread):
 
 
 def kept_bytes(model, x) -> int:
-    """Bytes the autograd graph of one training forward of ``model`` on x keeps for the
-    backward (see the module docstring). Runs one forward and frees its graph."""
-    storages = {}
-
-    def note(t):
-        if isinstance(t, torch.Tensor):
-            st = t.untyped_storage()
-            storages[(t.device, st.data_ptr())] = st.nbytes()
-
-    def pack(t):
-        note(t)
-        return t
-
-    plain = flows.checkpoint
-
-    def noting(fn, *args, **kwargs):
-        for a in args:
-            note(a)
-        return plain(fn, *args, **kwargs)
-
-    flows.checkpoint = noting
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model.bpd(x).mean()
-    finally:
-        flows.checkpoint = plain
-    del loss
-    return sum(storages.values())
+    """Bytes the graph of one training forward of ``model`` on x keeps for the backward."""
+    return graph_kept_bytes(lambda: model.bpd(x).mean())
 
 
 @pytest.mark.parametrize("granularity,fraction", [("net", 0.25), ("step", 0.15)])

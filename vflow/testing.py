@@ -80,3 +80,41 @@ def random_problem(
         x = mean + 2.0 * scale * torch.logit(u)
     params = torch.cat([a_raw[:, None], b[:, None], logits, means, log_scales], dim=1)
     return x.to(dtype), params.to(dtype)
+
+
+def graph_kept_bytes(loss_fn) -> int:
+    """Bytes the autograd graph of ``loss_fn()`` (a training forward returning a tensor)
+    keeps for the backward: the tensors saved for backward plus the inputs of regions run
+    under :func:`vflow.flows.checkpoint` (which non-reentrant checkpointing holds instead of
+    the region's saved tensors), each storage counted once. Deterministic and independent
+    of the allocator. Runs one forward and frees its graph (no backward)."""
+    from vflow import flows
+
+    storages: dict = {}
+    alive: list = []  # held until the end, so no noted storage's address can be reused
+
+    def note(t) -> None:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            storages[(t.device, st.data_ptr())] = st.nbytes()
+            alive.append(t)
+
+    def pack(t):
+        note(t)
+        return t
+
+    plain_checkpoint = flows.checkpoint
+
+    def noting_checkpoint(fn, *args, **kwargs):
+        for a in args:
+            note(a)
+        return plain_checkpoint(fn, *args, **kwargs)
+
+    flows.checkpoint = noting_checkpoint
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = loss_fn()
+    finally:
+        flows.checkpoint = plain_checkpoint
+    del loss, alive
+    return sum(storages.values())
