@@ -26,31 +26,19 @@
 // per task; meant for small d, where GEMM-based attention kernels waste most of their work
 // on tiny tiles.
 //
-// Included by coupling.cpp only; always_inline, compiled into every ISA entry point there.
+// Included by kernel_entries.h only, once per instruction set; always_inline, compiled into
+// that ISA's entry points.
 #pragma once
 
 #include <cstdint>
 #include <limits>
 
+#include "kernel_args.h"
 #include "simd_math.h"
 
 namespace vflow_kernels {
+namespace VF_ISA {
 
-using namespace vflow_simd;
-
-constexpr int MAX_HEAD_DIM = 8;
-
-struct AArgs {
-  const void* qkv = nullptr;   // (B, 3, heads, d, T)
-  void* out = nullptr;         // fwd: (B, heads, d, T)
-  void* lse = nullptr;         // fwd: written, bwd: read. (B, heads, T), log sum_j exp(s_ij)
-  const void* o = nullptr;     // bwd: the forward's out
-  const void* gout = nullptr;  // bwd: dO, like out
-  void* gqkv = nullptr;        // bwd: like qkv
-  void* dsum = nullptr;        // bwd: (B, heads, T) work: D_i = sum_c dO[c,i] out[c,i]
-  int64_t N = 0, heads = 1, d = 0, T = 0;  // N = B * heads tasks
-  double scale = 1.0;
-};
 
 // Offset of the q plane of task n in qkv; k and v follow at +heads*d*T and +2*heads*d*T.
 VF_INLINE int64_t qkv_offset(const AArgs& a, int64_t n) {
@@ -211,4 +199,5 @@ VF_INLINE void attn_bwd_task(const AArgs& a, int64_t n) {
 }
 #undef VF_HEAD_DIM_SWITCH
 
+}  // namespace VF_ISA
 }  // namespace vflow_kernels

@@ -7,11 +7,12 @@
 // the partials are summed per sample in a fixed order after the loop, so results are
 // bitwise identical whatever the number of threads.
 //
-// The per-task kernels (coupling_kernels.h) are compiled three times, for AVX-512, AVX2+FMA
-// and baseline x86-64, through __attribute__((target)) entry points; the widest one the
-// running CPU supports is chosen once at load time (__builtin_cpu_supports), so the module
-// never executes an instruction the CPU lacks. VFLOW_CPU_ISA=avx512|avx2|generic overrides
-// the choice (tests use it to check the fallbacks).
+// The per-task kernels (coupling_kernels.h, attention_kernels.h) are compiled three times, in
+// kernels_avx512.cpp (64-byte vectors), kernels_avx2.cpp (32-byte, AVX2+FMA) and
+// kernels_generic.cpp (16-byte, baseline), through __attribute__((target)) entry points
+// (kernel_entries.h); the widest one the running CPU supports is chosen once at load time
+// (__builtin_cpu_supports), so the module never executes an instruction the CPU lacks.
+// VFLOW_CPU_ISA=avx512|avx2|generic overrides the choice (tests use it to check fallbacks).
 
 #include <torch/extension.h>
 
@@ -23,44 +24,19 @@
 #include <string>
 #include <vector>
 
-#include "attention_kernels.h"
-#include "coupling_kernels.h"
+#include "kernel_args.h"
 
 namespace vk = vflow_kernels;
 
 namespace {
 
-typedef void (*TaskFn)(const vk::KArgs&, int64_t, void*);
-typedef void (*AttnFn)(const vk::AArgs&, int64_t);
-
-struct KernelSet {
-  TaskFn fwd_f, fwd_d, bwd_f, bwd_d, inv_f, inv_d;
-  AttnFn afwd_f, afwd_d, abwd_f, abwd_d;
-  const char* name;
-};
-
-#define VF_ENTRIES(SUFFIX, ATTR)                                                               \
-  ATTR void fwd_f_##SUFFIX(const vk::KArgs& a, int64_t t, void* b) { vk::fwd_task<float>(a, t, b); }   \
-  ATTR void fwd_d_##SUFFIX(const vk::KArgs& a, int64_t t, void* b) { vk::fwd_task<double>(a, t, b); }  \
-  ATTR void bwd_f_##SUFFIX(const vk::KArgs& a, int64_t t, void* b) { vk::bwd_task<float>(a, t, b); }   \
-  ATTR void bwd_d_##SUFFIX(const vk::KArgs& a, int64_t t, void* b) { vk::bwd_task<double>(a, t, b); }  \
-  ATTR void inv_f_##SUFFIX(const vk::KArgs& a, int64_t t, void* b) { vk::inv_task<float>(a, t, b); }   \
-  ATTR void inv_d_##SUFFIX(const vk::KArgs& a, int64_t t, void* b) { vk::inv_task<double>(a, t, b); }  \
-  ATTR void afwd_f_##SUFFIX(const vk::AArgs& a, int64_t n) { vk::attn_fwd_task<float>(a, n); }     \
-  ATTR void afwd_d_##SUFFIX(const vk::AArgs& a, int64_t n) { vk::attn_fwd_task<double>(a, n); }  \
-  ATTR void abwd_f_##SUFFIX(const vk::AArgs& a, int64_t n) { vk::attn_bwd_task<float>(a, n); }     \
-  ATTR void abwd_d_##SUFFIX(const vk::AArgs& a, int64_t n) { vk::attn_bwd_task<double>(a, n); }
+using vk::AttnFn;
+using vk::KernelSet;
+using vk::TaskFn;
 
 #if defined(__x86_64__) || defined(__i386__)
 #define VF_X86 1
-VF_ENTRIES(avx512, __attribute__((noinline, target("avx512f,avx512dq,avx512bw,avx512vl,fma"))))
-VF_ENTRIES(avx2, __attribute__((noinline, target("avx2,fma"))))
 #endif
-VF_ENTRIES(generic, __attribute__((noinline)))
-
-#define VF_SET(SUFFIX) \
-  KernelSet { fwd_f_##SUFFIX, fwd_d_##SUFFIX, bwd_f_##SUFFIX, bwd_d_##SUFFIX, inv_f_##SUFFIX, inv_d_##SUFFIX, \
-              afwd_f_##SUFFIX, afwd_d_##SUFFIX, abwd_f_##SUFFIX, abwd_d_##SUFFIX, #SUFFIX }
 
 KernelSet select_kernels(const std::string& want) {
 #ifdef VF_X86
@@ -69,14 +45,14 @@ KernelSet select_kernels(const std::string& want) {
                       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("fma");
   const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (want == "generic") return VF_SET(generic);
-  if (want == "avx2") return has2 ? VF_SET(avx2) : VF_SET(generic);
+  if (want == "generic") return vk::generic::kernel_set();
+  if (want == "avx2") return has2 ? vk::avx2::kernel_set() : vk::generic::kernel_set();
   if (want == "avx512" || want.empty() || want == "auto") {
-    if (has512) return VF_SET(avx512);
-    if (has2) return VF_SET(avx2);
+    if (has512) return vk::avx512::kernel_set();
+    if (has2) return vk::avx2::kernel_set();
   }
 #endif
-  return VF_SET(generic);
+  return vk::generic::kernel_set();
 }
 
 KernelSet& kernels() {
@@ -87,15 +63,13 @@ KernelSet& kernels() {
   return ks;
 }
 
-constexpr int64_t BYTES_PER_VEC = 64;
-
 // Runs fn over all tasks in parallel; each worker owns one component buffer.
 void run_tasks(TaskFn fn, const vk::KArgs& a) {
   const int64_t ntasks = a.B * a.nchunks;
   if (ntasks == 0) return;
   const int64_t buf_vecs = vk::BUF_PER_K * (a.K > 0 ? a.K : 1);
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
-    void* buf = std::aligned_alloc(BYTES_PER_VEC, buf_vecs * BYTES_PER_VEC);
+    void* buf = std::aligned_alloc(vk::MAX_VEC_BYTES, buf_vecs * vk::MAX_VEC_BYTES);
     TORCH_CHECK(buf != nullptr, "vflow._C: out of memory for a work buffer");
     for (int64_t t = begin; t < end; ++t) fn(a, t, buf);
     std::free(buf);

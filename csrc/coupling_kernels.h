@@ -1,7 +1,7 @@
 // Fused mixture-of-logistics coupling: per-chunk kernels (forward, backward, inverse).
 //
 // One "task" is (batch b, chunk c): CHUNK consecutive positions of the active plane of
-// sample b, processed in blocks of W lanes (16 floats / 8 doubles, one 64-byte vector).
+// sample b, processed in blocks of W lanes (one vector: VF_VEC_BYTES / sizeof(T) lanes).
 // The params planes (B, 2+3K, N) are contiguous along positions, so for every component k
 // one vector load gives W logits / means / log-scales. No N x K intermediate is stored: a
 // block keeps its per-component values in a small per-thread buffer (8 K vectors, L1).
@@ -11,40 +11,19 @@
 // and one exp per component, and the largest term of every sum is >= 1/4: no overflow, no
 // underflow of the sum, finite logs wherever the log-space reference is finite.
 //
-// This header is included by coupling_kernels.cpp only; its functions are always_inline
-// and get compiled into every ISA entry point there.
+// Included by kernel_entries.h only, once per instruction set (kernels_<isa>.cpp): its
+// functions are always_inline and get compiled into that ISA's entry points.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
+#include "kernel_args.h"
 #include "simd_math.h"
 
 namespace vflow_kernels {
+namespace VF_ISA {
 
-using namespace vflow_simd;
-
-constexpr int64_t CHUNK = 256;  // positions per task; a multiple of 16
-constexpr double LOG_SCALE_MIN = -7.0;
-constexpr double SMOOTH_EPS = 0.05;
-
-struct KArgs {
-  const void* x = nullptr;       // fwd/bwd: x; inv: y.  full image for patterns 1, 2
-  const void* params = nullptr;  // (B, 2+3K, N)
-  void* out = nullptr;           // fwd: y; inv: x
-  double* partial = nullptr;     // (B, nchunks) per-chunk logdet partial sums
-  const void* gout = nullptr;    // bwd: grad_out (like x)
-  const void* glogdet = nullptr; // bwd: (B,)
-  void* gin = nullptr;           // bwd: grad_in (like x)
-  void* gparams = nullptr;       // bwd: like params
-  int64_t B = 0, K = 0, N = 0;   // N: active positions per sample
-  int64_t H = 1, W = 2;          // image rows / columns (patterns 1, 2)
-  int64_t xstride = 0;           // elements of x per sample
-  int64_t nchunks = 0;           // chunks per sample
-  int pattern = 0, parity = 0;
-  bool smooth = false, inverse = false, newton = true;
-  int max_iters = 0;
-};
 
 // Offsets (within one sample of x) of the active and passive element of active position n.
 VF_INLINE void position_offsets(const KArgs& a, int64_t n, int64_t& act, int64_t& pas) {
@@ -131,9 +110,6 @@ struct Mix {
   V SA, SB, SC, Spi;  // shifted sums
   V SQ;               // sum_k C_k q_k e^{-s_k} (backward only)
 };
-
-// Buffer layout per component k (vectors): [t, s, inv, A, B, C, P, q]
-constexpr int BUF_PER_K = 8;
 
 // Smallest accepted value of a fast-path sum (see mixture()): below it, terms flushed to zero
 // could matter, and the block is recomputed with per-accumulator shifts.
@@ -529,4 +505,5 @@ VF_INLINE void inv_task(const KArgs& a, int64_t task, void* vbuf) {
   a.partial[task] = acc;
 }
 
+}  // namespace VF_ISA
 }  // namespace vflow_kernels

@@ -1,27 +1,33 @@
-// Portable SIMD math on GCC vector extensions (64-byte vectors: 16 floats or 8 doubles).
+// Portable SIMD math on GCC vector extensions of VF_VEC_BYTES bytes (VF_VEC_BYTES / 4 floats
+// or VF_VEC_BYTES / 8 doubles), in namespace vflow_kernels::VF_ISA.
 //
 // Every function is always_inline and target-agnostic: the same source is compiled into
-// AVX-512, AVX2 and baseline x86-64 code by inlining it into entry points that carry a
-// __attribute__((target(...))) (see coupling_kernels.h). No libm calls, no -ffast-math:
+// AVX-512 (64-byte vectors), AVX2 (32) and baseline (16) code by inlining it into entry
+// points that carry a __attribute__((target(...))) (kernel_entries.h, kernels_<isa>.cpp). No libm calls, no -ffast-math:
 // NaN propagates (comparisons with NaN are false and every select keeps the NaN operand on
 // the arithmetic path), +-inf and underflow are handled explicitly.
 #pragma once
 
 #include <cstdint>
 
+#if !defined(VF_VEC_BYTES) || !defined(VF_ISA)
+#error "define VF_VEC_BYTES and VF_ISA before including simd_math.h (see kernels_<isa>.cpp)"
+#endif
+
 #define VF_INLINE inline __attribute__((always_inline))
 
-namespace vflow_simd {
+namespace vflow_kernels {
+namespace VF_ISA {
 
 template <typename T>
 struct VecTraits;
 
 template <>
 struct VecTraits<float> {
-  typedef float V __attribute__((vector_size(64), aligned(64)));
-  typedef int32_t I __attribute__((vector_size(64), aligned(64)));
+  typedef float V __attribute__((vector_size(VF_VEC_BYTES), aligned(VF_VEC_BYTES)));
+  typedef int32_t I __attribute__((vector_size(VF_VEC_BYTES), aligned(VF_VEC_BYTES)));
   typedef int32_t IS;
-  static constexpr int W = 16;
+  static constexpr int W = VF_VEC_BYTES / 4;
   static constexpr int MANT = 23;
   static constexpr int BIAS = 127;
   static constexpr float EPS = 1.1920928955078125e-07f;
@@ -34,10 +40,10 @@ struct VecTraits<float> {
 
 template <>
 struct VecTraits<double> {
-  typedef double V __attribute__((vector_size(64), aligned(64)));
-  typedef int64_t I __attribute__((vector_size(64), aligned(64)));
+  typedef double V __attribute__((vector_size(VF_VEC_BYTES), aligned(VF_VEC_BYTES)));
+  typedef int64_t I __attribute__((vector_size(VF_VEC_BYTES), aligned(VF_VEC_BYTES)));
   typedef int64_t IS;
-  static constexpr int W = 8;
+  static constexpr int W = VF_VEC_BYTES / 8;
   static constexpr int MANT = 52;
   static constexpr int BIAS = 1023;
   static constexpr double EPS = 2.220446049250313e-16;
@@ -230,4 +236,5 @@ VF_INLINE typename VecTraits<T>::V vtanh(typename VecTraits<T>::V a) {
   return a != a ? a : r;
 }
 
-}  // namespace vflow_simd
+}  // namespace VF_ISA
+}  // namespace vflow_kernels

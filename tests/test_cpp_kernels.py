@@ -323,3 +323,41 @@ def test_isa_fallbacks_agree(isa):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() in (isa, "generic")
+
+
+def test_generic_build_passes_the_inverse_sweep():
+    """The baseline build (16-byte vectors: 4 floats / 2 doubles per lane block, where AVX2
+    uses 8 / 4) passes the whole cpp inverse sweep of tests/test_inverse.py: 2M elements, five
+    parameter regimes, K in {1, 2, 4, 8, 32}, both variants and dtypes, max-error bounds. The
+    lane-block logic (padding, per-block early exit, fast/robust path per block) differs with
+    the width, so every build is checked at scale, not only the one this CPU selects."""
+    env = dict(os.environ, VFLOW_CPU_ISA="generic")
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            os.path.join(here, "test_inverse.py"),
+            "-k",
+            "test_inverse_sweep and cpp",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=os.path.dirname(here),
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "20 passed" in out.stdout, out.stdout[-1000:]
+    isa = subprocess.run(
+        [sys.executable, "-c", "import vflow._C as C; print(C._isa())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert isa.stdout.strip() == "generic", isa.stdout + isa.stderr
