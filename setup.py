@@ -19,8 +19,10 @@ if sources and os.environ.get("VFLOW_NO_EXT", "0") != "1":
             sources,
             # No -march/-ffast-math: the kernels pick AVX-512 / AVX2 / baseline code at run
             # time (target attributes in csrc/coupling.cpp) and keep IEEE inf/NaN semantics.
-            # -Wno-psabi: 64-byte vector types are only passed between always_inline helpers.
-            extra_compile_args={"cxx": ["-O3", "-fopenmp", "-Wno-psabi"]},
+            # -Wno-psabi: wide vector types are only passed between always_inline helpers.
+            # -fvisibility=hidden: only PyInit__C is exported, so the per-ISA kernel symbols
+            # can never be interposed by another copy of the library loaded in the process.
+            extra_compile_args={"cxx": ["-O3", "-fopenmp", "-Wno-psabi", "-fvisibility=hidden"]},
             depends=sorted(glob.glob("csrc/*.h")),
             extra_link_args=["-fopenmp"],
         )

@@ -13,8 +13,9 @@ machines drift by 2x between runs: compare ratios within a run). Modes:
   |x_hat - x| over the whole tensor against the x that produced y; ``y err`` is the MAX
   backward error |forward64(x_hat) - y| / max(1, |y|) (what a correct inverse can always
   reach, also where dy/dx is tiny and x itself is ill-determined). The iteration statistics
-  of the Newton solver (mean, max, and the mean over blocks of 16 lanes of the block's max,
-  which is what the CPU kernel pays) come from the reference run of the same algorithm.
+  of the Newton solver (mean, max, and the mean over blocks of W lanes of the block's max,
+  which is what the CPU kernel pays; W = 16 float32 on AVX-512, 8 on AVX2) come from the
+  reference run of the same algorithm.
 * checkerboard: full-image checkerboard coupling; eager = split -> transform -> merge
 
 Times are medians of torch.utils.benchmark.Timer.blocked_autorange on CPU and of
@@ -273,7 +274,7 @@ def bench_mode(mode, shape, providers, device, dtype, min_run_time):
         )
     case = dict(mode=mode, floor_ms=floor, input_bytes=input_bytes, rows=rows)
     if mode == "inverse":
-        case["newton_iterations"] = newton_iteration_stats(y, p)
+        case["newton_iterations"] = newton_iteration_stats(y, p, kernel_lanes(y.dtype))
     return case
 
 
@@ -283,7 +284,17 @@ def inverse_backward_error(x_hat, y, p):
     return ((y_back - y.double()).abs() / y.double().abs().clamp(min=1)).max().item()
 
 
-def newton_iteration_stats(y, p, lanes=16):
+def kernel_lanes(dtype) -> int:
+    """Lanes per block of the CPU kernels in use (16 float32 on AVX-512, 8 on AVX2, 4 on the
+    baseline build); 16 when the extension is not built."""
+    try:
+        from vflow import _C
+    except ImportError:
+        return 16
+    return _C._vector_bytes() // torch.empty((), dtype=dtype).element_size()
+
+
+def newton_iteration_stats(y, p, lanes):
     """Iterations of the safeguarded Newton solver per element (reference run, same
     algorithm and dtype as the fused kernels): mean, max, and the mean of the max over
     consecutive blocks of ``lanes`` elements (the CPU kernel's per-block early exit)."""
@@ -291,7 +302,12 @@ def newton_iteration_stats(y, p, lanes=16):
         _, iters = R.solve_inverse(y.cpu(), p.cpu(), SMOOTH, OPS.DEFAULT_MAX_ITERS["newton"], True)
     flat = iters.movedim(0, -1).reshape(-1).double()  # positions of one sample are contiguous
     blocks = flat[: flat.numel() // lanes * lanes].view(-1, lanes).amax(1)
-    return dict(mean=flat.mean().item(), max=flat.max().item(), block_max_mean=blocks.mean().item())
+    return dict(
+        mean=flat.mean().item(),
+        max=flat.max().item(),
+        lanes=lanes,
+        block_max_mean=blocks.mean().item(),
+    )
 
 
 def providers_for(mode, device, use_compile):
@@ -408,7 +424,8 @@ def main(argv=None):
                 it = case["newton_iterations"]
                 print(
                     f"{sname:<11}{mode:<13}Newton iterations: mean {it['mean']:.2f}, "
-                    f"max {it['max']:.0f}, mean of 16-lane block max {it['block_max_mean']:.2f}"
+                    f"max {it['max']:.0f}, mean of {it['lanes']}-lane block max "
+                    f"{it['block_max_mean']:.2f}"
                 )
             sys.stdout.flush()
     if args.json:

@@ -277,4 +277,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out"), py::arg("lse"), py::arg("grad_out"));
   m.attr("ATTENTION_MAX_HEAD_DIM") = vk::MAX_HEAD_DIM;
   m.def("_isa", [] { return std::string(kernels().name); }, "instruction set of the kernels in use");
+  m.def("_vector_bytes", [] { return kernels().vector_bytes; },
+        "vector width of the kernels in use, in bytes (lanes per block: this / element size)");
 }

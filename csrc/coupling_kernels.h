@@ -111,54 +111,80 @@ struct Mix {
   V SQ;               // sum_k C_k q_k e^{-s_k} (backward only)
 };
 
-// Smallest accepted value of a fast-path sum (see mixture()): below it, terms flushed to zero
+// Smallest accepted value of a fast-path sum (see mixture_at()): below it, terms flushed to zero
 // could matter, and the block is recomputed with per-accumulator shifts.
 template <typename T>
 constexpr T fast_sum_min() {
   return sizeof(T) == 4 ? T(1e-20) : T(1e-200);
 }
 
-// Evaluate the mixture sums at x. BWD: also store per-component values for the backward.
+// The x-independent part of a block's mixture, in the component buffer: s_k =
+// max(log-scale_k, LOG_SCALE_MIN) and inv_k = e^{-s_k} (slots 1, 2), m.Mpi = max_k pi_k, and
+// with CACHE_P also P_k = e^{pi_k - Mpi} (slot 6) and m.Spi = sum_k P_k. The inverse caches
+// P for all its solver iterations, so an iteration costs one exp per component, not three;
+// a single evaluation (forward, backward) computes P inside mixture_at instead, next to the
+// other exp, which pipelines better.
+template <typename T, bool CACHE_P>
+VF_INLINE void mixture_constants(const T* pb, int64_t N, int64_t K, const Lanes<T>& L,
+                                 typename VecTraits<T>::V* buf, Mix<T>& m) {
+  typedef typename VecTraits<T>::V V;
+  const T* ppi = pb + 2 * N;
+  const T* pls = pb + (2 + 2 * K) * N;
+  V Mpi = vset<T>(-__builtin_inf());
+  for (int64_t k = 0; k < K; ++k) {
+    V ls = L.ld(pls + k * N);
+    V s = ls < T(LOG_SCALE_MIN) ? vset<T>(T(LOG_SCALE_MIN)) : ls;
+    V* bk = buf + BUF_PER_K * k;
+    bk[1] = s;
+    bk[2] = vexp<T>(-s);
+    Mpi = vmax(Mpi, L.ld(ppi + k * N));
+  }
+  m.Mpi = Mpi;
+  if (!CACHE_P) return;
+  V Spi = vset<T>(T(0));
+  for (int64_t k = 0; k < K; ++k) {
+    V P = vexp<T, true>(L.ld(ppi + k * N) - Mpi);
+    buf[BUF_PER_K * k + 6] = P;
+    Spi += P;
+  }
+  m.Spi = Spi;
+}
+
+// Evaluate the mixture sums at x, given mixture_constants<T, CACHED_P> of the block in buf
+// and m (without CACHED_P, P_k and m.Spi are computed here). BWD: also store per-component
+// values for the backward.
 //
-// Fast path: one shift (the max logit) for all sums, so each component needs only
-// exp(-|t|) and exp(pi - max pi) besides exp(-s):
+// Fast path: one shift (the max logit) for all sums, so each component needs only exp(-|t|):
 //   A_k = P_k sig(t_k), B_k = P_k sig(-t_k), C_k = P_k sig(t_k) sig(-t_k) e^{-s_k}
 // with sig(t) = 1/(1+e), sig(-t) = e/(1+e) for t >= 0 (mirrored for t < 0), e = exp(-|t|).
 // When a sum comes out below fast_sum_min (far tails, where e underflows), the block is
 // recomputed exactly with a separate upper-bound shift per sum (robust path).
-template <typename T, bool BWD>
-VF_INLINE void mixture(const T* pb, int64_t N, int64_t K, const Lanes<T>& L,
-                       typename VecTraits<T>::V x, typename VecTraits<T>::V* buf, Mix<T>& m,
-                       bool /*with_pi*/) {
+template <typename T, bool BWD, bool CACHED_P>
+VF_INLINE void mixture_at(const T* pb, int64_t N, int64_t K, const Lanes<T>& L,
+                          typename VecTraits<T>::V x, typename VecTraits<T>::V* buf, Mix<T>& m) {
   typedef typename VecTraits<T>::V V;
   const V ninf = vset<T>(-__builtin_inf());
   const V zero = vset<T>(T(0));
   const V one = vset<T>(T(1));
-  V Mpi = ninf;
   const T* ppi = pb + 2 * N;
   const T* pmu = pb + (2 + K) * N;
-  const T* pls = pb + (2 + 2 * K) * N;
+  const V Mpi = m.Mpi;
+  V SA = zero, SB = zero, SC = zero, SQ = zero, Spi = zero;
   for (int64_t k = 0; k < K; ++k) {
-    V pi = L.ld(ppi + k * N);
-    V mu = L.ld(pmu + k * N);
-    V ls = L.ld(pls + k * N);
-    V s = ls < T(LOG_SCALE_MIN) ? vset<T>(T(LOG_SCALE_MIN)) : ls;
-    V inv = vexp<T>(-s);
-    V t = (x - mu) * inv;
     V* bk = buf + BUF_PER_K * k;
+    V inv = bk[2];
+    V t = (x - L.ld(pmu + k * N)) * inv;
     bk[0] = t;
-    bk[1] = s;
-    bk[2] = inv;
-    Mpi = vmax(Mpi, pi);
-  }
-  V SA = zero, SB = zero, SC = zero, Spi = zero, SQ = zero;
-  for (int64_t k = 0; k < K; ++k) {
-    V pi = L.ld(ppi + k * N);
-    V* bk = buf + BUF_PER_K * k;
-    V t = bk[0], inv = bk[2];
     V e = vexp<T, true>(-vabs(t));
+    V P;
+    if (CACHED_P) {
+      P = bk[6];
+    } else {
+      P = vexp<T, true>(L.ld(ppi + k * N) - Mpi);
+      if (BWD) bk[6] = P;
+      Spi += P;
+    }
     V rcp = one / (one + e);
-    V P = vexp<T, true>(pi - Mpi);
     V Pr = P * rcp;
     V er = e * rcp;
     V A = t < zero ? Pr * e : Pr;
@@ -167,7 +193,6 @@ VF_INLINE void mixture(const T* pb, int64_t N, int64_t K, const Lanes<T>& L,
     SA += A;
     SB += Bv;
     SC += C;
-    Spi += P;
     if (BWD) {
       // q = 1 - 2 sigmoid(t) = -sign(t) (1 - e) / (1 + e)
       V q = (one - e) * rcp;
@@ -175,13 +200,11 @@ VF_INLINE void mixture(const T* pb, int64_t N, int64_t K, const Lanes<T>& L,
       bk[3] = A;
       bk[4] = Bv;
       bk[5] = C;
-      bk[6] = P;
       bk[7] = q;
       SQ += C * q * inv;
     }
   }
-  m.Mpi = Mpi;
-  m.Spi = Spi;
+  if (!CACHED_P) m.Spi = Spi;
   const V smin = vset<T>(fast_sum_min<T>());
   const auto ok = (SA >= smin) & (SB >= smin) & (SC >= smin);
   bool all_ok = true;
@@ -239,6 +262,14 @@ VF_INLINE void mixture(const T* pb, int64_t N, int64_t K, const Lanes<T>& L,
   m.SQ = SQ;
 }
 
+// mixture_constants + mixture_at: the whole mixture of a block at x (forward, backward).
+template <typename T, bool BWD>
+VF_INLINE void mixture(const T* pb, int64_t N, int64_t K, const Lanes<T>& L,
+                       typename VecTraits<T>::V x, typename VecTraits<T>::V* buf, Mix<T>& m) {
+  mixture_constants<T, false>(pb, N, K, L, buf, m);
+  mixture_at<T, BWD, false>(pb, N, K, L, x, buf, m);
+}
+
 template <typename T>
 struct Finals {
   typedef typename VecTraits<T>::V V;
@@ -288,7 +319,7 @@ VF_INLINE void fwd_task(const KArgs& a, int64_t task, void* vbuf) {
     L.init(a, n0, (int)(nend - n0 < W ? nend - n0 : W));
     V x = L.gather(xb);
     Mix<T> m;
-    mixture<T, false>(pb, N, K, L, x, buf, m, true);
+    mixture<T, false>(pb, N, K, L, x, buf, m);
     Finals<T> f;
     finals<T>(m, L.ld(pb), a.smooth, f);
     V y = vexp<T>(f.alpha) * f.z + L.ld(pb + N);
@@ -324,7 +355,7 @@ VF_INLINE void bwd_task(const KArgs& a, int64_t task, void* vbuf) {
     L.init(a, n0, (int)(nend - n0 < W ? nend - n0 : W));
     V x = L.gather(xb);
     Mix<T> m;
-    mixture<T, true>(pb, N, K, L, x, buf, m, true);
+    mixture<T, true>(pb, N, K, L, x, buf, m);
     Finals<T> f;
     finals<T>(m, L.ld(pb), a.smooth, f);
     const V ea = vexp<T>(f.alpha);
@@ -407,7 +438,6 @@ VF_INLINE void inv_task(const KArgs& a, int64_t task, void* vbuf) {
   const int64_t nend = nbeg + CHUNK < N ? nbeg + CHUNK : N;
   const V zero = vset<T>(T(0));
   const T* pmu = pb + (2 + K) * N;
-  const T* pls = pb + (2 + 2 * K) * N;
   double acc = 0.0;
   Lanes<T> L;
   for (int64_t n0 = nbeg; n0 < nend; n0 += W) {
@@ -432,11 +462,14 @@ VF_INLINE void inv_task(const KArgs& a, int64_t task, void* vbuf) {
     } else {
       target = z;
     }
+    // the x-independent mixture terms, once for all iterations
+    Mix<T> m;
+    mixture_constants<T, true>(pb, N, K, L, buf, m);
+    const V lse_pi = m.Mpi + vlog<T>(m.Spi);
+    // initial bracket: x = mu_k + e^{s_k} target for every k
     V lo = vset<T>(__builtin_inf()), hi = vset<T>(-__builtin_inf());
     for (int64_t k = 0; k < K; ++k) {
-      const V ls = L.ld(pls + k * N);
-      const V s = ls < T(LOG_SCALE_MIN) ? vset<T>(T(LOG_SCALE_MIN)) : ls;
-      const V cand = L.ld(pmu + k * N) + vexp<T>(s) * target;
+      const V cand = L.ld(pmu + k * N) + vexp<T>(buf[BUF_PER_K * k + 1]) * target;
       lo = vmin(lo, cand);
       hi = vmax(hi, cand);
     }
@@ -449,12 +482,9 @@ VF_INLINE void inv_task(const KArgs& a, int64_t task, void* vbuf) {
     for (int i = 0; i < W; ++i) dinit[i] = i < L.nv ? 0 : -1;
     I done;
     __builtin_memcpy(&done, dinit, sizeof(done));
-    V lse_pi = zero;
     const V one = vset<T>(T(1));
     for (int it = 0; it < a.max_iters; ++it) {
-      Mix<T> m;
-      mixture<T, false>(pb, N, K, L, x, buf, m, it == 0);
-      if (it == 0) lse_pi = m.Mpi + vlog<T>(m.Spi);
+      mixture_at<T, false, true>(pb, N, K, L, x, buf, m);
       const V lF = m.Ma + vlog<T>(m.SA) - lse_pi;  // log F
       const V lS = m.Mb + vlog<T>(m.SB) - lse_pi;  // log(1 - F)
       const V g = lF - lS - target;
@@ -494,8 +524,7 @@ VF_INLINE void inv_task(const KArgs& a, int64_t task, void* vbuf) {
       if (all) break;
     }
     // forward log-determinant at the solution
-    Mix<T> m;
-    mixture<T, false>(pb, N, K, L, x, buf, m, true);
+    mixture_at<T, false, true>(pb, N, K, L, x, buf, m);
     Finals<T> f;
     finals<T>(m, araw, a.smooth, f);
     L.scatter(xb, x);

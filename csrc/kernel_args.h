@@ -65,6 +65,7 @@ struct KernelSet {
   TaskFn fwd_f, fwd_d, bwd_f, bwd_d, inv_f, inv_d;
   AttnFn afwd_f, afwd_d, abwd_f, abwd_d;
   const char* name;
+  int vector_bytes;  // lanes per block: vector_bytes / sizeof(T)
 };
 
 #if defined(__x86_64__) || defined(__i386__)

@@ -32,7 +32,7 @@ static_assert(CHUNK % (VF_VEC_BYTES / 4) == 0, "CHUNK must be a multiple of the 
 
 KernelSet kernel_set() {
   return KernelSet{fwd_f,  fwd_d,  bwd_f,  bwd_d,  inv_f, inv_d,
-                   afwd_f, afwd_d, abwd_f, abwd_d, VF_STRINGIFY(VF_ISA)};
+                   afwd_f, afwd_d, abwd_f, abwd_d, VF_STRINGIFY(VF_ISA), VF_VEC_BYTES};
 }
 
 }  // namespace VF_ISA

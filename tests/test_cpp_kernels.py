@@ -315,14 +315,17 @@ def test_isa_fallbacks_agree(isa):
         "    tol = 1e-10 if dt == torch.float64 else 1e-5\n"
         "    torch.testing.assert_close(out.double(), ref.detach(), rtol=tol, atol=tol)\n"
         "    torch.testing.assert_close(g.double(), gref, rtol=tol, atol=tol)\n"
-        "print(C._isa())\n"
+        "print(C._isa(), C._vector_bytes())\n"
     )
     env = dict(os.environ, VFLOW_CPU_ISA=isa)
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() in (isa, "generic")
+    chosen, vector_bytes = out.stdout.split()
+    assert chosen in (isa, "generic")
+    # each build runs at its registers' native width (64-byte vectors on AVX2 ran 5x slower)
+    assert int(vector_bytes) == {"avx512": 64, "avx2": 32, "generic": 16}[chosen]
 
 
 def test_generic_build_passes_the_inverse_sweep():

@@ -41,8 +41,8 @@ real line, which is what a flow onto an unbounded base distribution (a Normal) n
 inverse clamps it onto the edge), so with a Normal base the density does not integrate to 1.
 
 Layout and speed. The fused CPU kernel vectorises over the positions of one sample (16 float32
-lanes), and its log-determinant is summed per sample. A per-element log-determinant
-(``event_dim=0``) therefore runs with one position per sample, a sixteenth of the lanes; the
+lanes on AVX-512, 8 on AVX2), and its log-determinant is summed per sample. A per-element
+log-determinant (``event_dim=0``) therefore runs with one position per sample, one lane; the
 value-only calls (``t(x)``, ``t.inv(y)``, which need no log-determinant) instead lay all
 elements out as the positions of a single sample and run at full width. Prefer
 ``event_dim=1`` (as ``MixLogisticCoupling1d`` does) when the log-determinant is summed anyway.
