@@ -4,7 +4,7 @@
 // sample b, processed in blocks of W lanes (one vector: VF_VEC_BYTES / sizeof(T) lanes).
 // The params planes (B, 2+3K, N) are contiguous along positions, so for every component k
 // one vector load gives W logits / means / log-scales. No N x K intermediate is stored: a
-// block keeps its per-component values in a small per-thread buffer (8 K vectors, L1).
+// block keeps its per-component values in a small per-thread buffer (9 K vectors, L1).
 //
 // Log-sum-exps over k use a cheap exact upper bound of every term as the shift (the softplus
 // part log1p(e^-|t|) is in [0, log 2]), so each accumulator needs one pass to find the shift
@@ -108,7 +108,6 @@ struct Mix {
   typedef typename VecTraits<T>::V V;
   V Ma, Mb, Mc, Mpi;  // shifts
   V SA, SB, SC, Spi;  // shifted sums
-  V SQ;               // sum_k C_k q_k e^{-s_k} (backward only)
 };
 
 // Smallest accepted value of a fast-path sum (see mixture_at()): below it, terms flushed to zero
@@ -169,7 +168,7 @@ VF_INLINE void mixture_at(const T* pb, int64_t N, int64_t K, const Lanes<T>& L,
   const T* ppi = pb + 2 * N;
   const T* pmu = pb + (2 + K) * N;
   const V Mpi = m.Mpi;
-  V SA = zero, SB = zero, SC = zero, SQ = zero, Spi = zero;
+  V SA = zero, SB = zero, SC = zero, Spi = zero;
   for (int64_t k = 0; k < K; ++k) {
     V* bk = buf + BUF_PER_K * k;
     V inv = bk[2];
@@ -194,14 +193,11 @@ VF_INLINE void mixture_at(const T* pb, int64_t N, int64_t K, const Lanes<T>& L,
     SB += Bv;
     SC += C;
     if (BWD) {
-      // q = 1 - 2 sigmoid(t) = -sign(t) (1 - e) / (1 + e)
-      V q = (one - e) * rcp;
-      q = t > zero ? -q : q;
       bk[3] = A;
       bk[4] = Bv;
       bk[5] = C;
-      bk[7] = q;
-      SQ += C * q * inv;
+      bk[7] = t >= zero ? rcp : er;  // sigmoid(t)
+      bk[8] = t >= zero ? er : rcp;  // sigmoid(-t)
     }
   }
   if (!CACHED_P) m.Spi = Spi;
@@ -214,7 +210,6 @@ VF_INLINE void mixture_at(const T* pb, int64_t N, int64_t K, const Lanes<T>& L,
     m.SA = SA;
     m.SB = SB;
     m.SC = SC;
-    m.SQ = SQ;
     return;
   }
   // robust path: shifts Ma, Mb, Mc bound every term of their sum from above (the softplus
@@ -230,7 +225,7 @@ VF_INLINE void mixture_at(const T* pb, int64_t N, int64_t K, const Lanes<T>& L,
     Mb = vmax(Mb, pi - tpos);
     Mc = vmax(Mc, pi - vabs(t) - s);
   }
-  SA = zero, SB = zero, SC = zero, SQ = zero;
+  SA = zero, SB = zero, SC = zero;
   for (int64_t k = 0; k < K; ++k) {
     V pi = L.ld(ppi + k * N);
     V* bk = buf + BUF_PER_K * k;
@@ -250,7 +245,6 @@ VF_INLINE void mixture_at(const T* pb, int64_t N, int64_t K, const Lanes<T>& L,
       bk[3] = A;
       bk[4] = Bv;
       bk[5] = C;
-      SQ += C * bk[7] * bk[2];
     }
   }
   m.Ma = Ma;
@@ -259,7 +253,6 @@ VF_INLINE void mixture_at(const T* pb, int64_t N, int64_t K, const Lanes<T>& L,
   m.SA = SA;
   m.SB = SB;
   m.SC = SC;
-  m.SQ = SQ;
 }
 
 // mixture_constants + mixture_at: the whole mixture of a block at x (forward, backward).
@@ -333,6 +326,26 @@ VF_INLINE void fwd_task(const KArgs& a, int64_t task, void* vbuf) {
 // ------------------------------------------------------------------------------------
 // backward (vector-Jacobian product of the forward, or of the inverse at its output)
 
+// dl/dt_k of the log-derivative l = log f - log G - log(1 - G) (+ constants), from the
+// component values mixture_at<T, true, ...> stored in bk:
+//   dl/dt_k = r_k q_k - rho_F rF_k sig(-t_k) + rho_S rS_k sig(t_k),   q_k = sig(-t_k) - sig(t_k)
+//           = (r_k - rho_F rF_k) sig(-t_k) - (r_k - rho_S rS_k) sig(t_k)
+// with the weights r_k = C_k / SC (of f), rF_k = A_k / SA (of F), rS_k = B_k / SB (of 1 - F).
+// The first form's terms are each up to e^{-s_k} ~ e^7 times larger than their sum where one
+// component dominates, and cancel (float32 d logdet / dx was off by 1e-3 relative there);
+// in the second, r_k - rS_k is exactly 0 when component k is alone, so nothing cancels.
+template <typename T>
+VF_INLINE typename VecTraits<T>::V dl_dt(const typename VecTraits<T>::V* bk,
+                                        typename VecTraits<T>::V invSA,
+                                        typename VecTraits<T>::V invSB,
+                                        typename VecTraits<T>::V invSC,
+                                        typename VecTraits<T>::V rhoF,
+                                        typename VecTraits<T>::V rhoS) {
+  typedef typename VecTraits<T>::V V;
+  const V r = bk[5] * invSC;
+  return (r - rhoF * (bk[3] * invSA)) * bk[8] - (r - rhoS * (bk[4] * invSB)) * bk[7];
+}
+
 template <typename T>
 VF_INLINE void bwd_task(const KArgs& a, int64_t task, void* vbuf) {
   typedef typename VecTraits<T>::V V;
@@ -363,35 +376,44 @@ VF_INLINE void bwd_task(const KArgs& a, int64_t task, void* vbuf) {
     const V kappa = vexp<T>(f.logF + f.log1mF - f.logG - f.log1mG + lspan);  // dz/dpi scale
     const V om2G = vexp<T>(f.log1mG) - vexp<T>(f.logG);
     const V oma2 = T(1) - f.alpha * f.alpha;
-    const V invSC = T(1) / m.SC;
-    const V lx = m.SQ * invSC - om2G * J;  // d l / dx
+    const V invSC = T(1) / m.SC, invSA = T(1) / m.SA, invSB = T(1) / m.SB;
+    // rho_F = 0.9 F / G, rho_S = 0.9 (1 - F) / (1 - G) (both 1 without smoothing)
+    const V rhoF = vexp<T>(f.logF - f.logG + lspan);
+    const V rhoS = vexp<T>(f.log1mF - f.log1mG + lspan);
+    V lx = zero;  // d l / dx = sum_k e^{-s_k} dl/dt_k
+    for (int64_t k = 0; k < K; ++k) {
+      const V* bk = buf + BUF_PER_K * k;
+      lx += bk[2] * dl_dt<T>(bk, invSA, invSB, invSC, rhoF, rhoS);
+    }
     const V gy = L.gather(gob);
     const V gl = vset<T>(glv);
-    // grad_theta = c1 dz/dtheta + gle dlogf/dtheta with dz/dmu = -J r, dz/dpi = kappa (rF - rS);
-    // cJ = c1 J and cK = c1 kappa are formed without dividing by J (which may underflow)
-    V gx, gyea, gle, cJ, cK, gb;
+    // grad_theta = gyea dz/dtheta + gle dl/dtheta. mu_k and s_k act through t_k (dz/dt_k =
+    // J r_k e^{s_k}, dl/dt_k below); pi_k through dz/dpi = kappa (rF - rS) and
+    // dl/dpi = (r - w) - om2G kappa (rF - rS): grad_pi = cK (rF - rS) + gle (r - w) with
+    // cK = (gyea - gle om2G) kappa. cZ = gyea J and cK are formed without dividing by J
+    // (which may underflow).
+    V gx, gyea, gle, cZ, cK, gb;
     if (!a.inverse) {
       gyea = gy * ea;
       gx = gyea * J + gl * lx;
       gle = gl;
-      const V c1 = gyea - gl * om2G;
-      cJ = c1 * J;
-      cK = c1 * kappa;
+      cZ = gyea * J;
+      cK = (gyea - gl * om2G) * kappa;
       gb = gy;
     } else {
-      // v = (gx - gl l_x) / (e^alpha J); c1 = -(v e^alpha - gl om2G)
+      // v = (gx - gl l_x) / (e^alpha J); gyea = -v e^alpha, gle = -gl
       const V num = gy - gl * lx;
       gx = num / (ea * J);
       gyea = -num / J;
       gle = -gl;
-      cJ = gl * om2G * J - num;
+      cZ = -num;
       cK = gl * om2G * kappa - num * vexp<T>(f.logF + f.log1mF - f.logf);
       gb = -gx;
     }
     const V ga = (gyea * f.z + gle) * oma2;
     L.st(gpb, ga);
     L.st(gpb + N, gb);
-    const V invSA = T(1) / m.SA, invSB = T(1) / m.SB, invSpi = T(1) / m.Spi;
+    const V invSpi = T(1) / m.Spi;
     const T* pmu = pb + (2 + K) * N;
     const T* pls = pb + (2 + 2 * K) * N;
     T* gpi_p = gpb + 2 * N;
@@ -399,15 +421,17 @@ VF_INLINE void bwd_task(const KArgs& a, int64_t task, void* vbuf) {
     T* gls_p = gpb + (2 + 2 * K) * N;
     for (int64_t k = 0; k < K; ++k) {
       const V* bk = buf + BUF_PER_K * k;
-      const V t = bk[0], inv = bk[2], A = bk[3], Bv = bk[4], C = bk[5], P = bk[6], q = bk[7];
+      const V t = bk[0], inv = bk[2], A = bk[3], Bv = bk[4], C = bk[5], P = bk[6];
       const V mu = L.ld(pmu + k * N);
       const V ls = L.ld(pls + k * N);
       const V r = C * invSC;
       const V rF = A * invSA;
       const V rS = Bv * invSB;
       const V w = P * invSpi;
-      const V gmu = -r * (cJ + gle * q * inv);
-      V gs = -r * (cJ * (x - mu) + gle * (q * t + T(1)));
+      const V dldt = dl_dt<T>(bk, invSA, invSB, invSC, rhoF, rhoS);
+      // dt/dmu = -e^{-s}, dt/ds = -t; log f_k also has -s_k: dl/ds_k = -t_k dl/dt_k - r_k
+      const V gmu = -r * cZ - gle * inv * dldt;
+      V gs = -r * cZ * (x - mu) - gle * (t * dldt + r);
       gs = ls >= T(LOG_SCALE_MIN) ? gs : zero;
       const V gpi = cK * (rF - rS) + gle * (r - w);
       L.st(gpi_p + k * N, gpi);

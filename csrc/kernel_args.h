@@ -36,8 +36,8 @@ struct KArgs {
 };
 
 
-// Buffer layout per component k (vectors): [t, s, inv, A, B, C, P, q]
-constexpr int BUF_PER_K = 8;
+// Buffer layout per component k (vectors): [t, s, inv, A, B, C, P, sigmoid(t), sigmoid(-t)]
+constexpr int BUF_PER_K = 9;
 // Bytes per buffer vector that coupling.cpp allocates: at least the widest VF_VEC_BYTES.
 constexpr int64_t MAX_VEC_BYTES = 64;
 

@@ -68,18 +68,6 @@ def _lse_push(m, s, v):
 
 
 @triton.jit
-def _lse_push_w(m, s, a, v, c):
-    """As _lse_push, also carrying a = sum c_k exp(v_k - m) (an exp(v)-weighted sum of c)."""
-    diff = v - m
-    d = tl.exp(-tl.abs(diff))
-    d = tl.where(v == float("-inf"), 0.0, d)
-    up = v > m
-    s = tl.where(up, s * d + 1.0, s + d)
-    a = tl.where(up, a * d + c, a + d * c)
-    return tl.maximum(m, v), s, a
-
-
-@triton.jit
 def _component(x, pi_ptr, mu_ptr, ls_ptr, mask):
     """Per-component terms: pi, mu, ls, s = max(ls, -7), exp(-s), t, e = exp(-|t|),
     log sigmoid(t), log sigmoid(-t)."""
@@ -182,6 +170,28 @@ def _fwd_kernel(x_ptr, p_ptr, y_ptr, part_ptr, B, N, K, H, W, parity, stride_xb,
     tl.store(part_ptr + b.to(tl.int64) * NUM_NB + pid_n, part, mask=b < B)
 
 
+@triton.jit
+def _weights(pi, s, lsp, lsn, lse_c, lse_s, lse_f):
+    """Component k's weights in f, F and 1 - F: r_k = pi_k f_k / f, rF_k = pi_k F_k / F,
+    rS_k = pi_k (1 - F_k) / (1 - F) (normalised by the log-sum-exps of pass 1)."""
+    r = tl.exp(pi + lsp + lsn - s - lse_f)
+    r_c = tl.exp(pi + lsp - lse_c)
+    r_s = tl.exp(pi + lsn - lse_s)
+    return r, r_c, r_s
+
+
+@triton.jit
+def _dl_dt(r, r_c, r_s, t, e, rho_f, rho_s):
+    """dl/dt_k of l = log f - log G - log(1 - G), grouped so that nothing cancels:
+    (r_k - rho_F rF_k) sigmoid(-t_k) - (r_k - rho_S rS_k) sigmoid(t_k) (csrc/coupling_kernels.h
+    dl_dt has the derivation: the ungrouped r_k q_k - rho_F rF_k sigmoid(-t_k) + rho_S rS_k
+    sigmoid(t_k) has terms e^7 times its value where one narrow component dominates)."""
+    rcp = 1.0 / (1.0 + e)
+    sig_p = tl.where(t >= 0.0, rcp, e * rcp)  # sigmoid(t)
+    sig_n = tl.where(t >= 0.0, e * rcp, rcp)  # sigmoid(-t)
+    return (r - rho_f * r_c) * sig_n - (r - rho_s * r_s) * sig_p
+
+
 # --- backward (vector-Jacobian product of the forward or of the inverse) -----------------
 
 
@@ -200,21 +210,20 @@ def _bwd_kernel(x_ptr, p_ptr, go_ptr, gl_ptr, gi_ptr, gp_ptr, B, N, K, H, W, par
     gbase = gp_ptr + p_off
     a_raw = tl.load(pbase, mask=mask, other=0.0)
 
-    # Pass 1: the four log-sum-exps and sum_k r_k (1 - 2 sigmoid(t_k)) exp(-s_k).
+    # Pass 1: the four log-sum-exps.
     ninf = tl.full(x.shape, float("-inf"), x.dtype)
     zero = tl.zeros(x.shape, x.dtype)
     m_z, s_z = ninf, zero
     m_c, s_c = ninf, zero
     m_s, s_s = ninf, zero
-    m_f, s_f, a_f = ninf, zero, zero
+    m_f, s_f = ninf, zero
     for k in range(K):
         pi, mu, ls, s, inv_s, t, e, lsp, lsn = _component(
             x, pbase + (2 + k) * N, pbase + (2 + K + k) * N, pbase + (2 + 2 * K + k) * N, mask)
-        oms = tl.where(t >= 0.0, e - 1.0, 1.0 - e) / (1.0 + e)  # 1 - 2 sigmoid(t)
         m_z, s_z = _lse_push(m_z, s_z, pi)
         m_c, s_c = _lse_push(m_c, s_c, pi + lsp)
         m_s, s_s = _lse_push(m_s, s_s, pi + lsn)
-        m_f, s_f, a_f = _lse_push_w(m_f, s_f, a_f, pi + lsp + lsn - s, oms * inv_s)
+        m_f, s_f = _lse_push(m_f, s_f, pi + lsp + lsn - s)
     log_z = m_z + tl.log(s_z)
     lse_c = m_c + tl.log(s_c)  # unnormalised (log F + log Z)
     lse_s = m_s + tl.log(s_s)
@@ -227,55 +236,72 @@ def _bwd_kernel(x_ptr, p_ptr, go_ptr, gl_ptr, gi_ptr, gp_ptr, B, N, K, H, W, par
     e_alpha = tl.exp(alpha)
     z = log_g - log_1mg
     log_j = log_pdf - log_g - log_1mg  # log dz/dx
+    log_rho_f = log_cdf - log_g  # rho_F = (1 - 2 eps) F / G, 1 without smoothing
+    log_rho_s = log_sf - log_1mg
     if SMOOTH:
         log_j += _c(LOG_SPAN, log_j)
+        log_rho_f += _c(LOG_SPAN, log_rho_f)
+        log_rho_s += _c(LOG_SPAN, log_rho_s)
+    rho_f = tl.exp(log_rho_f)
+    rho_s = tl.exp(log_rho_s)
     jac = tl.exp(log_j)
     om2g = tl.exp(log_1mg) - tl.exp(log_g)  # 1 - 2 G
-    l_x = a_f / s_f - om2g * jac  # d logdet / dx
     da = 1.0 - alpha * alpha
+    # grad_theta = c_zj dz/dtheta / J + c_f dl/dtheta; mu_k and s_k act through t_k, pi_k
+    # through dz/dpi = kappa (rF - rS) and dl/dpi = (r - w) - om2G kappa (rF - rS)
     if INVERSE:
+        # the inverse's VJP needs d logdet / dx before the per-component pass
+        l_x = zero
+        for k in range(K):
+            pi, mu, ls, s, inv_s, t, e, lsp, lsn = _component(
+                x, pbase + (2 + k) * N, pbase + (2 + K + k) * N, pbase + (2 + 2 * K + k) * N,
+                mask)
+            r, r_c, r_s = _weights(pi, s, lsp, lsn, lse_c, lse_s, lse_f)
+            l_x += inv_s * _dl_dt(r, r_c, r_s, t, e, rho_f, rho_s)
         u = g_out - g_l * l_x
         v = u * tl.exp(-(alpha + log_j))  # dL/dy
         g_in = v
-        c_j = g_l * om2g * jac - u  # coefficient of dz/dtheta, times J
-        c_pi = c_j * tl.exp(log_cdf + log_sf - log_pdf)
-        c_f = -g_l  # coefficient of dlogf/dtheta
+        c_zj = -u  # coefficient of dz/dtheta, times J
+        c_pi = (g_l * om2g * jac - u) * tl.exp(log_cdf + log_sf - log_pdf)
+        c_f = -g_l  # coefficient of dl/dtheta
         g_a = -(u * tl.exp(-log_j) * z + g_l) * da
         g_b = -v
     else:
-        g_in = g_out * e_alpha * jac + g_l * l_x
-        c_z = g_out * e_alpha - g_l * om2g
-        c_j = c_z * jac
+        c_zj = g_out * e_alpha * jac
         log_kappa = log_cdf + log_sf - log_g - log_1mg
         if SMOOTH:
             log_kappa += _c(LOG_SPAN, log_kappa)
-        c_pi = c_z * tl.exp(log_kappa)
+        c_pi = (g_out * e_alpha - g_l * om2g) * tl.exp(log_kappa)
         c_f = g_l + zero
         g_a = (g_out * e_alpha * z + g_l) * da
         g_b = g_out
-    tl.store(gi_ptr + x_off, g_in, mask=mask)
-    if PATTERN != 0:
-        gp = tl.load(go_ptr + pas_off, mask=mask, other=0.0)
-        tl.store(gi_ptr + pas_off, gp, mask=mask)
     tl.store(gbase, g_a, mask=mask)
     tl.store(gbase + N, g_b, mask=mask)
 
-    # Pass 2: per-component gradients, recomputed (nothing of size N x K is stored).
+    # Pass 2: per-component gradients, recomputed (nothing of size N x K is stored), and
+    # d logdet / dx = sum_k e^{-s_k} dl/dt_k for the forward's VJP.
+    l_x = zero
     for k in range(K):
         pi, mu, ls, s, inv_s, t, e, lsp, lsn = _component(
             x, pbase + (2 + k) * N, pbase + (2 + K + k) * N, pbase + (2 + 2 * K + k) * N, mask)
-        oms = tl.where(t >= 0.0, e - 1.0, 1.0 - e) / (1.0 + e)
-        r = tl.exp(pi + lsp + lsn - s - lse_f)
-        r_c = tl.exp(pi + lsp - lse_c)
-        r_s = tl.exp(pi + lsn - lse_s)
+        r, r_c, r_s = _weights(pi, s, lsp, lsn, lse_c, lse_s, lse_f)
+        dl_dt = _dl_dt(r, r_c, r_s, t, e, rho_f, rho_s)
+        l_x += inv_s * dl_dt
         w = tl.exp(pi - log_z)
-        g_mu = -r * (c_j + c_f * oms * inv_s)
-        g_ls = -r * (c_j * (x - mu) + c_f * (oms * t + 1.0))
+        # dt/dmu = -e^{-s}, dt/ds = -t; log f_k also has -s_k: dl/ds_k = -t_k dl/dt_k - r_k
+        g_mu = -r * c_zj - c_f * inv_s * dl_dt
+        g_ls = -r * c_zj * (x - mu) - c_f * (t * dl_dt + r)
         g_ls = tl.where(ls >= LOG_SCALE_MIN, g_ls, 0.0)
         g_pi = c_pi * (r_c - r_s) + c_f * (r - w)
         tl.store(gbase + (2 + k) * N, g_pi, mask=mask)
         tl.store(gbase + (2 + K + k) * N, g_mu, mask=mask)
         tl.store(gbase + (2 + 2 * K + k) * N, g_ls, mask=mask)
+    if not INVERSE:
+        g_in = g_out * e_alpha * jac + g_l * l_x
+    tl.store(gi_ptr + x_off, g_in, mask=mask)
+    if PATTERN != 0:
+        gp = tl.load(go_ptr + pas_off, mask=mask, other=0.0)
+        tl.store(gi_ptr + pas_off, gp, mask=mask)
 
 
 # --- inverse -----------------------------------------------------------------------------
