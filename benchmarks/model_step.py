@@ -12,9 +12,10 @@ For each config (default: vflow-digits and vflow-cifar10) and each variant, in o
                        ``vflow train --compile --channels-last`` does)
 * ``fused+ckpt``       fused, with activation checkpointing
                        (``model.set_activation_checkpointing(True, granularity)``) for each of
-                       ``--granularities`` ("net": every conditioning / context network,
-                       the default; "step": every whole flow step), compared with the plain
-                       fused model in the same process (below)
+                       ``--granularities`` ("block": every residual block of the networks,
+                       selectively, the default; "net": every conditioning / context network;
+                       "step": every whole flow step), compared with the plain fused model in
+                       the same process (below)
 
 Memory. Every row has ``step_growth_mb``: how much a training step grows the process at its
 peak over what it held before the step (CUDA: max_memory_allocated over memory_allocated;
@@ -24,10 +25,14 @@ that tensors come from and go back to the kernel and RSS follows the tensors). T
 ``fused+ckpt`` row times, in one process and on the same weights, the plain step
 (checkpointing toggled off) alternately with the checkpointed step of each granularity; its
 ``checkpointing`` entry holds, for "plain" and each granularity, the median step time, the
-step-growth and the bytes the autograd graph keeps after the forward (saved tensors plus
-checkpointed regions' inputs, counted once per storage: allocator-independent), and each
+step-growth, the bytes the autograd graph keeps after the forward (saved tensors plus
+checkpointed regions' inputs, counted once per storage; not the outputs that "block"
+checkpointing keeps beside the graph) and the step's peak of live tensor bytes (every storage
+an op creates in the step, counted from its creation to its release, excluding the model's
+parameters and inputs: the allocator-independent twin of the step growth), and each
 granularity's ratios to plain. The row's own step time and growth are those of the first
-granularity.
+granularity. On a shared machine ``--threads 1 --cpu-time`` times steps by the process's CPU
+time on one thread, which the other processes' load disturbs far less than wall time.
 
 Every (config, variant) runs in its own subprocess so that peak memory (max RSS on CPU,
 max allocated on CUDA) is per variant and compile caches do not leak between variants.
@@ -117,20 +122,28 @@ def _wrap_nets(model, variant: str) -> None:
             net.forward = autocast_forward
 
 
+CLOCK = time.perf_counter  # time.process_time with --cpu-time
+
+
 def _time(fn, repeats: int, device: str) -> list[float]:
     out = []
     for _ in range(repeats):
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
         _sync(device)
-        out.append(time.perf_counter() - t0)
+        out.append(CLOCK() - t0)
     return out
 
 
 def worker(args) -> dict:
     import torch
 
+    global CLOCK
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        CLOCK = time.process_time
     device = args.device
     fused = _fused_backend(device)
     variant = args.variant
@@ -264,12 +277,14 @@ def _checkpointing_memory(model, step, out: dict, device: str) -> None:
         else:
             model.set_activation_checkpointing(True, mode)
         out[mode]["kept_mb"] = graph_kept_bytes(model, step) / 2**20
+        out[mode]["peak_live_mb"] = peak_live_bytes(step) / 2**20
         out[mode]["growth_mb"] = _step_growth(step, device)
     model.set_activation_checkpointing(True, modes[1])
     plain = out["plain"]
     for mode in modes[1:]:
         row = out[mode]
         row["kept_ratio"] = row["kept_mb"] / plain["kept_mb"]
+        row["peak_live_ratio"] = row["peak_live_mb"] / plain["peak_live_mb"]
         if plain["growth_mb"] and row["growth_mb"] is not None:
             row["memory_ratio"] = row["growth_mb"] / plain["growth_mb"]
 
@@ -280,6 +295,20 @@ def graph_kept_bytes(model, step) -> int:
     from vflow.testing import graph_kept_bytes as kept
 
     n = kept(lambda: step.objective(step.images).mean())
+    model.zero_grad(set_to_none=True)
+    return n
+
+
+def peak_live_bytes(step) -> int:
+    """Peak bytes of live tensors during one training step (:func:`vflow.testing.
+    peak_live_bytes`: forward, backward and the recomputations of checkpointed regions,
+    allocator-independent); the model's parameters and buffers and the step's images do not
+    count. Runs one step (slower than a plain one)."""
+    from vflow.testing import peak_live_bytes as peak
+
+    model = step.model
+    model.zero_grad(set_to_none=True)
+    n = peak(step, [*model.parameters(), *model.buffers(), step.images])
     model.zero_grad(set_to_none=True)
     return n
 
@@ -399,9 +428,15 @@ def main() -> None:
     parser.add_argument(
         "--granularities",
         nargs="+",
-        default=["net"],
-        choices=["net", "step"],
+        default=["block"],
+        choices=["block", "net", "step"],
         help="activation checkpointing granularities of the fused+ckpt variant",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time steps by the process's CPU time (with --threads 1: robust to other load)",
     )
     parser.add_argument(
         "--compile-all",
@@ -466,6 +501,10 @@ def main() -> None:
             if args.skip_sample:
                 cmd.append("--skip-sample")
             cmd += ["--granularities", *args.granularities]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            if args.cpu_time:
+                cmd.append("--cpu-time")
             if not args.paired:
                 cmd.append("--unpaired")
             print(f"... {config} / {variant}", file=sys.stderr, flush=True)
@@ -486,6 +525,8 @@ def main() -> None:
             rows.append({"config": config, "variant": variant, **row})
 
     ratio_note = "alternating with the reference in one process" if args.paired else "unpaired"
+    if args.cpu_time:
+        ratio_note += "; times are process CPU times"
     header = (
         f"{'config':<16} {'variant':<26} {'step ms':>10} {'vs ref':>7} "
         f"{'sample ms':>11} {'peak MB':>9} {'step MB':>9}  note"
@@ -527,8 +568,8 @@ def _checkpointing_note(c: dict) -> str:
     """The paired checkpointed-vs-plain comparison of one row, in words."""
     plain = c["plain"]
     parts = [
-        f"plain: step growth {_mb(plain['growth_mb'])}, graph keeps {plain['kept_mb']:.0f} MB, "
-        f"{plain['step_ms']:.0f} ms"
+        f"plain: step growth {_mb(plain['growth_mb'])}, peak live {plain['peak_live_mb']:.0f} MB, "
+        f"graph keeps {plain['kept_mb']:.0f} MB, {plain['step_ms']:.0f} ms"
     ]
     for mode, r in c.items():
         if mode == "plain":
@@ -537,7 +578,8 @@ def _checkpointing_note(c: dict) -> str:
         if r.get("memory_ratio") is not None:
             mem += f" ({r['memory_ratio']:.0%})"
         parts.append(
-            f"ckpt {mode}: step growth {mem}, graph keeps {r['kept_mb']:.0f} MB "
+            f"ckpt {mode}: step growth {mem}, peak live {r['peak_live_mb']:.0f} MB "
+            f"({r['peak_live_ratio']:.0%}), graph keeps {r['kept_mb']:.0f} MB "
             f"({r['kept_ratio']:.0%}), {r['step_ms']:.0f} ms ({r['time_ratio']:.2f}x)"
         )
     return "; ".join(parts)

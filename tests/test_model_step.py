@@ -44,27 +44,35 @@ def test_model_step_quick_run_writes_rows_with_breakdown(tmp_path):
 @pytest.mark.skipif("cpp" not in ops.available_backends("cpu"), reason="needs vflow._C")
 def test_model_step_checkpointing_row_pairs_plain_and_checkpointed(tmp_path):
     """The fused+ckpt row: plain and checkpointed steps of one model, timed alternately, with
-    the graph's kept bytes and the step's peak memory growth for each."""
+    the graph's kept bytes, the step's peak of live tensors and its peak memory growth for
+    each; ``--threads 1 --cpu-time`` times by CPU time on one thread."""
     out = tmp_path / "model_step.json"
     cmd = [sys.executable, str(SCRIPT), "--configs", "vflow-digits", "--batch", "4"]
-    cmd += ["--variants", "fused+ckpt", "--granularities", "net", "step", "--repeats", "1"]
+    cmd += ["--variants", "fused+ckpt", "--granularities", "block", "net", "step"]
+    cmd += ["--repeats", "1", "--threads", "1", "--cpu-time"]
     cmd += ["--skip-sample", "--unpaired", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["variant"] == "fused+ckpt" and row["backend"] == "cpp"
     ckpt = row["checkpointing"]
-    assert list(ckpt) == ["plain", "net", "step"]
-    for mode in ("net", "step"):
+    assert row["threads"] == 1
+    assert list(ckpt) == ["plain", "block", "net", "step"]
+    for mode in ("block", "net", "step"):
         r = ckpt[mode]
         assert r["kept_ratio"] == pytest.approx(r["kept_mb"] / ckpt["plain"]["kept_mb"])
         assert 0 < r["kept_ratio"] < 0.5
+        assert r["peak_live_ratio"] == pytest.approx(
+            r["peak_live_mb"] / ckpt["plain"]["peak_live_mb"]
+        )
+        assert 0 < r["peak_live_ratio"] < 0.8
         assert r["time_ratio"] == pytest.approx(r["step_ms"] / ckpt["plain"]["step_ms"])
     if sys.platform.startswith("linux"):  # peak RSS via /proc
         assert ckpt["plain"]["growth_mb"] > 0
-        assert row["step_growth_mb"] == ckpt["net"]["growth_mb"]
-        assert ckpt["net"]["memory_ratio"] == pytest.approx(
-            ckpt["net"]["growth_mb"] / ckpt["plain"]["growth_mb"]
+        assert row["step_growth_mb"] == ckpt["block"]["growth_mb"]
+        assert ckpt["block"]["memory_ratio"] == pytest.approx(
+            ckpt["block"]["growth_mb"] / ckpt["plain"]["growth_mb"]
         )
-    assert row["step_ms"] == pytest.approx(ckpt["net"]["step_ms"])
-    assert "ckpt net" in proc.stdout and "ckpt step" in proc.stdout
+    assert row["step_ms"] == pytest.approx(ckpt["block"]["step_ms"])
+    assert "process CPU times" in proc.stdout
+    assert all(f"ckpt {m}" in proc.stdout for m in ("block", "net", "step"))

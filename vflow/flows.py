@@ -30,9 +30,9 @@ import math
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
 from vflow import ops
+from vflow.checkpointing import keeps_output, maybe_checkpoint
 from vflow.nets import CouplingNet, data_init_scale, pixelwise_linear
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "g_channel",
     "zero_logdet",
     "maybe_checkpoint",
+    "keeps_output",
 ]
 
 Pair = tuple[Tensor, Tensor]
@@ -74,20 +75,6 @@ def zero_logdet(x) -> Tensor:
 
 def _sum_per_sample(t: Tensor) -> Tensor:
     return t.flatten(1).sum(1)
-
-
-def maybe_checkpoint(enabled: bool, module: nn.Module, fn, *args):
-    """``fn(*args)``, run under activation checkpointing when ``enabled``, ``module`` is in
-    training mode and grad mode is on (otherwise a plain call: no overhead in evaluation,
-    ``torch.no_grad`` passes and sampling).
-
-    ``torch.utils.checkpoint.checkpoint`` non-reentrant (what DDP and torch.compile need), with
-    ``preserve_rng_state=True``: the forward keeps only ``fn``'s inputs and outputs, and the
-    backward reruns ``fn`` under the same CPU / CUDA RNG state and autocast state, so dropout
-    draws the same masks and the gradients equal those of the plain call."""
-    if enabled and module.training and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
-    return fn(*args)
 
 
 class FlowLayer(nn.Module):

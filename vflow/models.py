@@ -50,7 +50,7 @@ from vflow.flows import (
     coupling_block,
     maybe_checkpoint,
 )
-from vflow.nets import ContextNet, ConvDataInit, GatedAttention
+from vflow.nets import ContextNet, ConvDataInit, CouplingNet, GatedAttention
 
 __all__ = [
     "Step",
@@ -68,7 +68,7 @@ __all__ = [
 LOG_2PI = math.log(2 * math.pi)
 
 INIT_SCHEMES = ("official", "actnorm")
-CHECKPOINT_GRANULARITIES = ("net", "step")
+CHECKPOINT_GRANULARITIES = ("block", "net", "step")
 DEFAULT_INIT_SCHEME = "official"
 
 
@@ -299,8 +299,10 @@ class FlowPlusPlus(nn.Module):
         return u, _std_normal_logp(eps_r) - logdet
 
     def _context(self, net: nn.Module, image: Tensor) -> Tensor:
-        """``net(image)`` for a context net, checkpointed when activation checkpointing is on."""
-        return maybe_checkpoint(self.activation_checkpointing is not None, self, net, image)
+        """``net(image)`` for a context net, checkpointed whole for the "net" and "step"
+        granularities (by block for "block", inside the net)."""
+        whole = self.activation_checkpointing in ("net", "step")
+        return maybe_checkpoint(whole, self, net, image)
 
     def _augment(self, y: Tensor, eps_q: Tensor | None):
         """Flow++ has no augmentation: (y, log q = 0)."""
@@ -456,7 +458,7 @@ class FlowPlusPlus(nn.Module):
         return [getattr(self, n) for n in ("r_flow", "q_flow", "p_flow") if hasattr(self, n)]
 
     def set_activation_checkpointing(
-        self, enabled: bool = True, granularity: str = "net"
+        self, enabled: bool = True, granularity: str = "block"
     ) -> FlowPlusPlus:
         """Trade compute for memory in training steps; returns self.
 
@@ -466,19 +468,30 @@ class FlowPlusPlus(nn.Module):
         preserved, so dropout draws the same masks: the loss and gradients are those of the
         plain model, to rounding). Regions:
 
-        * ``granularity="net"`` (default): the conditioning network of every coupling
-          (``CouplingNet`` of the MoL and f_affine couplings) and the context nets of r and q.
-          Kept per coupling: the flow's own intermediate states (ActNorm / 1x1-conv /
-          coupling inputs) and the coupling's parameters tensor, (2 + 3K) C_a values per
-          active position.
+        * ``granularity="block"`` (default): every residual block of every network (a
+          ``CouplingNet``'s GatedConv -> LN [-> GatedAttention -> LN], a ``ContextNet``'s
+          GatedConv), selectively: the forward also keeps the outputs of the block's
+          attention and 3x3 convolutions (``vflow.checkpointing.keeps_output``), which the backward
+          reuses, so it recomputes only the cheap ops (pointwise, layer norms, dropout, 1x1
+          convolutions). Kept per network: its blocks' inputs and those outputs; the
+          backward holds one block's activations at a time.
+        * ``granularity="net"``: the conditioning network of every coupling (``CouplingNet``
+          of the MoL and f_affine couplings) and the context nets of r and q, whole. Kept per
+          coupling: the flow's own intermediate states (ActNorm / 1x1-conv / coupling inputs)
+          and the coupling's parameters tensor, (2 + 3K) C_a values per active position; the
+          backward holds one whole network's activations at a time.
         * ``granularity="step"``: every whole flow step (ActNorm -> invertible 1x1 conv ->
           coupling, or f_affine) and the context nets; kept per step: its input only. The
           backward also recomputes the ActNorm, the 1x1 conv and the fused coupling forward.
 
-        Cost: one extra forward pass of the networks per step (a forward is about a third of
-        a step, so up to ~1.33x the step time); the peak then holds the kept tensors plus one
-        network's activations while it is recomputed. ``benchmarks/model_step.py --variants
-        fused+ckpt --granularities net step`` measures both against the plain step, paired.
+        For every granularity the last flow step of p runs plain: its regions would be the
+        backward's first recomputation, before any gradient exists, so recomputing them
+        costs time and saves almost nothing ("net", "step": the peak is the same; "block":
+        one network's activations at the start of the backward).
+
+        Cost: a recomputation of the networks' forward (less the kept ops for "block") in the
+        backward. ``benchmarks/model_step.py --variants fused+ckpt --granularities block net
+        step`` measures them against the plain step, paired (README, "Memory").
         Evaluation, ``torch.no_grad`` passes (``initialize``, ``log_prob``) and ``sample``
         run exactly as without it. Works with torch.compile, channels_last, autocast and DDP
         (non-reentrant checkpointing). ``enabled=False`` restores the plain model.
@@ -488,6 +501,7 @@ class FlowPlusPlus(nn.Module):
                 f"granularity must be one of {CHECKPOINT_GRANULARITIES}, got {granularity!r}"
             )
         enabled = bool(enabled)
+        last = self._last_step()
         for flow in self._flows():
             for layer in flow.layers:  # the steps with parameters (not squeezes, sigmoids)
                 has_params = any(True for _ in layer.parameters())
@@ -495,8 +509,22 @@ class FlowPlusPlus(nn.Module):
         for m in self.modules():
             if isinstance(m, (MixLogisticCoupling, AugmentedAffineCoupling)):
                 m.checkpoint_net = enabled and granularity == "net"
+            if isinstance(m, (CouplingNet, ContextNet)):
+                m.checkpoint_blocks = enabled and granularity == "block"
+        if last is not None:  # runs plain (see above)
+            last.checkpoint_step = False
+            for m in last.modules():
+                if isinstance(m, (MixLogisticCoupling, AugmentedAffineCoupling)):
+                    m.checkpoint_net = False
+                if isinstance(m, CouplingNet):
+                    m.checkpoint_blocks = False
         self.activation_checkpointing = granularity if enabled else None
         return self
+
+    def _last_step(self) -> nn.Module | None:
+        """The last step of p with parameters (a coupling block or f_affine)."""
+        steps = [layer for layer in self.p_flow.layers if any(True for _ in layer.parameters())]
+        return steps[-1] if steps else None
 
     def set_backend(self, name: str) -> FlowPlusPlus:
         """Select the ops backend ("auto", "reference", "cpp", "triton") of every coupling and

@@ -19,6 +19,13 @@ All tensors are NCHW. The building blocks follow the official Flow++ code:
   split the image into its two halves, concatenate them along channels, 3x3 conv, then
   ``blocks`` GatedConvs with 3x3 c2. Output (B, filters, H, W/2).
 
+Activation checkpointing by block (``FlowPlusPlus.set_activation_checkpointing(True,
+"block")``): a network whose ``checkpoint_blocks`` is true runs each residual block (a
+CouplingNet's GatedConv -> LN [-> GatedAttention -> LN], a ContextNet's GatedConv) under
+``vflow.checkpointing.maybe_checkpoint(..., selective=True)``: a training forward keeps the blocks'
+inputs and the outputs of their attention and 3x3 convolutions, and the backward recomputes
+the rest one block at a time.
+
 Data-dependent initialisation (official Flow++ code, flows/nn.py ``conv2d`` / ``dense``):
 every conv built by these networks carries an ``init_scale`` attribute (0.1 for the c2 of a
 gated conv, the output projection of the attention block and the coupling's output conv, 1
@@ -38,6 +45,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from vflow import ops
+from vflow.checkpointing import maybe_checkpoint
 
 __all__ = [
     "INIT_WEIGHT_STD",
@@ -183,6 +191,12 @@ class Conv1x1(nn.Conv2d):
         return pixelwise_linear(x, self.weight.flatten(1), self.bias)
 
 
+def _run_block(net: nn.Module, block, *args) -> Tensor:
+    """``block(*args)``, under selective activation checkpointing when
+    ``net.checkpoint_blocks`` is on (``vflow.checkpointing.maybe_checkpoint``)."""
+    return maybe_checkpoint(net.checkpoint_blocks, net, block, *args, selective=True)
+
+
 def _conv(in_channels: int, out_channels: int, kernel: int) -> nn.Conv2d:
     """A 'same'-padded conv with a square odd kernel (``Conv1x1`` for kernel 1), with
     ``init_scale`` 1 for the data-dependent initialisation."""
@@ -308,13 +322,19 @@ class CouplingNet(nn.Module):
             )
             self.norms2 = nn.ModuleList(ChannelLayerNorm(filters) for _ in range(blocks))
         self.proj_out = _scaled_conv(_conv(filters, out_channels, 3), init_scale)
+        self.checkpoint_blocks = False  # see the module docstring
+
+    def block(self, i: int, h: Tensor, context: Tensor | None = None) -> Tensor:
+        """Residual block i: GatedConv -> LN [-> GatedAttention -> LN]."""
+        h = self.norms1[i](self.convs[i](h, context))
+        if self.attention:
+            h = self.norms2[i](self.attns[i](h, self.pos_emb))
+        return h
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         h = self.proj_in(x)
-        for i, conv in enumerate(self.convs):
-            h = self.norms1[i](conv(h, context))
-            if self.attention:
-                h = self.norms2[i](self.attns[i](h, self.pos_emb))
+        for i in range(len(self.convs)):
+            h = _run_block(self, self.block, i, h, context)
         return self.proj_out(h)
 
 
@@ -343,12 +363,13 @@ class ContextNet(nn.Module):
         self.blocks = nn.ModuleList(
             GatedConv(filters, 0, dropout, nin=False) for _ in range(blocks)
         )
+        self.checkpoint_blocks = False  # see the module docstring
 
     def forward(self, x: Tensor) -> Tensor:
         first, second = ops.checkerboard_split(x, parity=0, pattern=self.pattern)
         h = self.proj(torch.cat([first, second], dim=1))
         for block in self.blocks:
-            h = block(h)
+            h = _run_block(self, block, h)
         return h
 
     def full_resolution(self, context: Tensor) -> Tensor:

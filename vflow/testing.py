@@ -21,10 +21,15 @@ its scale) except in ``"tails"``, so that every part of the CDF is visited.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-__all__ = ["REGIMES", "random_problem"]
+__all__ = ["REGIMES", "random_problem", "graph_kept_bytes", "peak_live_bytes"]
 
 REGIMES = ("well", "narrow", "flat", "steep", "tails")
 
@@ -85,10 +90,10 @@ def random_problem(
 def graph_kept_bytes(loss_fn) -> int:
     """Bytes the autograd graph of ``loss_fn()`` (a training forward returning a tensor)
     keeps for the backward: the tensors saved for backward plus the inputs of regions run
-    under :func:`vflow.flows.checkpoint` (which non-reentrant checkpointing holds instead of
+    under ``vflow.checkpointing.checkpoint`` (which non-reentrant checkpointing holds instead of
     the region's saved tensors), each storage counted once. Deterministic and independent
     of the allocator. Runs one forward and frees its graph (no backward)."""
-    from vflow import flows
+    from vflow import checkpointing
 
     storages: dict = {}
     alive: list = []  # held until the end, so no noted storage's address can be reused
@@ -103,18 +108,59 @@ def graph_kept_bytes(loss_fn) -> int:
         note(t)
         return t
 
-    plain_checkpoint = flows.checkpoint
+    plain_checkpoint = checkpointing.checkpoint
 
     def noting_checkpoint(fn, *args, **kwargs):
         for a in args:
             note(a)
         return plain_checkpoint(fn, *args, **kwargs)
 
-    flows.checkpoint = noting_checkpoint
+    checkpointing.checkpoint = noting_checkpoint
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = loss_fn()
     finally:
-        flows.checkpoint = plain_checkpoint
+        checkpointing.checkpoint = plain_checkpoint
     del loss, alive
     return sum(storages.values())
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the storages the dispatched ops create while they are alive."""
+
+    def __init__(self, existing):
+        super().__init__()
+        self.existing = {t.untyped_storage().data_ptr() for t in existing}
+        self.live: dict[int, int] = {}
+        self.now = self.peak = 0
+
+    def _release(self, key: int) -> None:
+        self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            key = st.data_ptr()
+            if not st.nbytes() or key in self.live or key in self.existing:
+                continue  # empty, a view of a counted storage, or a pre-existing tensor's
+            self.live[key] = st.nbytes()
+            self.now += st.nbytes()
+            self.peak = max(self.peak, self.now)
+            weakref.finalize(st, self._release, key)
+        return out
+
+
+def peak_live_bytes(step_fn, existing=()) -> int:
+    """Peak bytes of live tensors while ``step_fn()`` runs (e.g. a training forward and
+    backward): every storage an op creates counts from its creation until its release (a
+    weakref finalizer), each storage once; the storages of ``existing`` (parameters, buffers,
+    inputs) do not count. Seen through a ``TorchDispatchMode``, so it covers the forward, the
+    backward and the recomputations of checkpointed regions; deterministic and independent of
+    the allocator (scratch memory inside a kernel is not seen)."""
+    gc.collect()
+    with _LiveBytes(existing) as live:
+        step_fn()
+    return live.peak
