@@ -34,8 +34,9 @@ def mean_std(values) -> tuple[float, float]:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    """One CSV row per dict; the columns are the keys of the first row."""
+    """One CSV row per dict; the columns are the keys of all rows, in order of first
+    appearance (a row without a column leaves it empty)."""
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)

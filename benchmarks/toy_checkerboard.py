@@ -30,6 +30,11 @@ Resuming. The ensemble trainer saves every job's state (weights, Adam moments, g
 states, losses) every ``--checkpoint-every`` iterations under ``--out``/state/; running the
 same command again continues each job where it stopped, on the same trajectory bit for bit
 (``vflow.toy.train_resumable``), so the paper's budget can be spread over several sessions.
+``--previous-runs FILE`` goes further, across machines: ``FILE`` is the ``runs.csv`` of earlier
+runs (the repository keeps the paper-budget runs in ``docs/toy_runs_100k.csv``); its runs of
+this grid at the same ``--iters`` are not trained again but read back, and the tables and the
+Fig. 3 plot cover them together with the new runs (densities and learning curves only the new
+runs).
 
 Trainers. ``--trainer ensemble`` (the default) trains every (L, seed) of one D at once with
 ``vflow.toy.ToyEnsemble``: weights stacked along a leading ensemble dimension, batched matrix
@@ -119,6 +124,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", type=Path, default=Path("results/toy_checkerboard"))
     ap.add_argument("--trainer", choices=["ensemble", "single"], default="ensemble")
+    ap.add_argument(
+        "--previous-runs",
+        type=Path,
+        default=None,
+        help="runs.csv of earlier runs to reuse instead of training them again "
+        "(e.g. docs/toy_runs_100k.csv)",
+    )
     ap.add_argument("--checkpoint-every", type=int, default=5000,
                     help="ensemble trainer: save each job's state every N iterations "
                     "(a multiple of 250) under OUT/state/; rerunning resumes")  # fmt: skip
@@ -154,11 +166,17 @@ def job_cost(dim: int, members: list[tuple[int, int]]) -> float:
     return sum(steps for steps, _ in members) + 4 * max(steps for steps, _ in members)
 
 
-def plan_jobs(dims, steps, seeds: int, workers: int) -> list[tuple[int, list]]:
-    """One ensemble job per D, ``[(dim, [(steps, seed), ...])]``; then, while it shortens the
+def plan_jobs(dims, steps, seeds: int, workers: int, done=frozenset()) -> list[tuple[int, list]]:
+    """One ensemble job per D, ``[(dim, [(steps, seed), ...])]``, without the ``(dim, steps,
+    seed)`` runs in ``done`` (a D with nothing left has no job); then, while it shortens the
     schedule on ``workers`` processes (:func:`lpt_makespan` of :func:`job_cost`), the largest
     job that has more than one seed is split into two by seed."""
-    jobs = [(d, [(l, s) for l in steps for s in range(seeds)]) for d in dims]
+    jobs = [
+        (d, [(l, s) for l in steps for s in range(seeds) if (d, l, s) not in done]) for d in dims
+    ]
+    jobs = [j for j in jobs if j[1]]
+    if not jobs:
+        return jobs
     while True:
         costs = [job_cost(*j) for j in jobs]
         order = sorted(range(len(jobs)), key=lambda i: -costs[i])
@@ -185,10 +203,42 @@ def job_name(dim: int, members: list[tuple[int, int]]) -> str:
     return f"D{dim}_L{steps}_s{seeds}.pt"
 
 
-def run_all(args: argparse.Namespace) -> list[dict]:
-    """Train and evaluate every (D, L, seed) of the grid with ``args.trainer``, jobs longest
-    first in ``args.workers`` processes (each with one torch thread); in this process when
-    ``args.workers == 1``. Returns one dict per run (``train_and_evaluate``'s keys)."""
+RUN_COLUMNS = {"dims": int, "steps": int, "seed": int, "iters": int, "params": int,
+               "test_ll": float, "test_elbo": float, "train_s": float, "train_cpu_s": float,
+               "skipped": int}  # fmt: skip
+
+
+def load_previous_runs(path: Path, args: argparse.Namespace) -> list[dict]:
+    """The runs of ``path`` (a ``runs.csv``) that belong to this grid: D in ``args.dims``, L in
+    ``args.steps``, seed below ``args.seeds`` and ``args.iters`` iterations, typed as
+    :func:`run_all` returns them (``test_elbo`` NaN where the file has none). Raises
+    ``FileNotFoundError`` for a missing file and ``ValueError`` when a needed column is
+    missing or a run appears twice."""
+    import csv
+
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = set(RUN_COLUMNS) - {"test_elbo"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"--previous-runs: {path} lacks the columns {sorted(missing)}")
+        rows = [{k: RUN_COLUMNS[k](r.get(k) or "nan") for k in RUN_COLUMNS} for r in reader]
+    keep = [
+        r
+        for r in rows
+        if r["dims"] in args.dims and r["steps"] in args.steps and r["seed"] < args.seeds
+        and r["iters"] == args.iters
+    ]  # fmt: skip
+    keys = [(r["dims"], r["steps"], r["seed"]) for r in keep]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"--previous-runs: {path} has a (dims, steps, seed) more than once")
+    return keep
+
+
+def run_all(args: argparse.Namespace, done=frozenset()) -> list[dict]:
+    """Train and evaluate every (D, L, seed) of the grid but those in ``done`` with
+    ``args.trainer``, jobs longest first in ``args.workers`` processes (each with one torch
+    thread); in this process when ``args.workers == 1``. Returns one dict per run
+    (``train_and_evaluate``'s keys)."""
     common = dict(iters=args.iters, lr=args.lr, batch=args.batch, samples=args.samples)
     common.update(density_px=args.density_px, q_base=args.q_base)
     if args.trainer == "single":
@@ -197,10 +247,11 @@ def run_all(args: argparse.Namespace) -> list[dict]:
             for d in args.dims
             for l in args.steps
             for s in range(args.seeds)
+            if (d, l, s) not in done
         ]
         jobs.sort(key=lambda j: -(j["steps"] + (j["dim"] > 2)))
         return run_parallel(train_and_evaluate, jobs, args.workers)
-    plan = plan_jobs(args.dims, args.steps, args.seeds, args.workers)
+    plan = plan_jobs(args.dims, args.steps, args.seeds, args.workers, done)
     plan.sort(key=lambda j: -job_cost(*j))
     jobs = [
         dict(
@@ -304,8 +355,13 @@ def curve_rows(runs: list[dict], every: int) -> list[dict]:
     """Long-format learning curves: one row per (D, L, seed, window end) with the window's
     mean training ELBO (nats); runs without a ``curve`` are left out."""
     return [
-        {"dims": r["dims"], "steps": r["steps"], "seed": r["seed"], "iter": min((i + 1) * every,
-         r["iters"]), "train_elbo": v}
+        {
+            "dims": r["dims"],
+            "steps": r["steps"],
+            "seed": r["seed"],
+            "iter": min((i + 1) * every, r["iters"]),
+            "train_elbo": v,
+        }
         for r in runs
         if "curve" in r
         for i, v in enumerate(r["curve"])
@@ -396,9 +452,14 @@ def main(argv=None) -> list[dict]:
         print_speed(measure_speed(args), args)
         if args.speed_only:
             return []
+    previous = load_previous_runs(args.previous_runs, args) if args.previous_runs else []
+    done = frozenset((r["dims"], r["steps"], r["seed"]) for r in previous)
     t0 = time.perf_counter()
-    runs = run_all(args)
+    new_runs = run_all(args, done)
     wall = time.perf_counter() - t0
+    runs = previous + new_runs
+    if previous:
+        print(f"reused {len(previous)} runs of {args.previous_runs}; trained {len(new_runs)}")
     rows = summarise(runs)
     write_csv(args.out / "results.csv", rows)
     write_csv(
@@ -419,9 +480,9 @@ def main(argv=None) -> list[dict]:
             panels.append((f"{name} ({r['test_ll']:.3f})", r["density"], f"density_D{d}_L{l}.png"))
     plot_densities(panels, args.out)
 
-    cpu = sum(r["train_cpu_s"] for r in runs)
+    cpu = sum(r["train_cpu_s"] for r in new_runs)
     print(
-        f"\n{len(runs)} runs ({args.trainer} trainer), {args.iters} iterations each: grid wall "
+        f"\n{len(new_runs)} runs ({args.trainer} trainer), {args.iters} iterations each: grid wall "
         f"time {wall:.0f} s on {args.workers} workers, training CPU {cpu:.0f} s; out: {args.out}"
     )
     print(f"{'D':>3} {'L':>3} {'params':>7} {'test ll (nats)':>17} {'ELBO':>7} {'paper':>14}")

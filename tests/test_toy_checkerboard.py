@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 import torch
 from torch.autograd.functional import jacobian
@@ -168,6 +167,43 @@ def test_quick_run_writes_outputs(tmp_path, workers, trainer, capsys):
     assert f"runs ({trainer} trainer)" in printed
 
 
+def test_previous_runs_are_reused_not_retrained(tmp_path, capsys):
+    """``--previous-runs``: the runs of the file that belong to the grid are read back, not
+    trained again (a planted test_ll shows up in the table), and only the rest is trained;
+    runs at other iteration counts or outside the grid are ignored."""
+    script = load_script()
+    common = ["--steps", "3", "--iters", "40", "--seeds", "2", "--samples", "8"]
+    common += ["--density-px", "24", "--workers", "1", "--speed-iters", "0"]
+    script.main(["--dims", "2", *common, "--out", str(tmp_path / "a")])
+    with open(tmp_path / "a" / "runs.csv") as f:
+        previous = list(csv.DictReader(f))
+    for r in previous:
+        r["test_ll"] = "-7.25"  # planted: a retrained run would not have it
+    other = dict(previous[0], iters="80", test_ll="-9.0")  # another budget: ignored
+    outside = dict(previous[0], steps="5", test_ll="-9.0")  # not in the grid: ignored
+    with open(tmp_path / "previous.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(previous[0]))
+        writer.writeheader()
+        writer.writerows(previous + [other, outside])
+    capsys.readouterr()
+    rows = script.main(
+        ["--dims", "2,10", *common, "--previous-runs", str(tmp_path / "previous.csv"),
+         "--out", str(tmp_path / "b")]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "reused 2 runs" in printed and "trained 2" in printed
+    assert [(r["dims"], r["ll_mean"], r["seeds"]) for r in rows][0] == (2, -7.25, 2)
+    assert rows[1]["dims"] == 10 and rows[1]["ll_mean"] > -7 and rows[1]["seeds"] == 2
+    with open(tmp_path / "b" / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert sorted((r["dims"], r["seed"]) for r in runs) == [("10", "0"), ("10", "1"),
+                                                           ("2", "0"), ("2", "1")]  # fmt: skip
+    (tmp_path / "bad.csv").write_text("dims,steps\n2,3\n")
+    with pytest.raises(ValueError, match="--previous-runs: .* lacks the columns"):
+        script.main(["--dims", "2", *common, "--previous-runs", str(tmp_path / "bad.csv"),
+                     "--out", str(tmp_path / "c")])  # fmt: skip
+
+
 def test_job_plan_covers_the_grid_once_and_balances_the_workers():
     script = load_script()
     dims, steps = [2, 4, 6, 8, 10], [2, 3, 4, 5, 10, 15, 20]
@@ -179,6 +215,12 @@ def test_job_plan_covers_the_grid_once_and_balances_the_workers():
         costs = [script.job_cost(*j) for j in plan]
         assert script.lpt_makespan(costs, workers) <= script.lpt_makespan(one_per_dim, workers)
     assert len(script.plan_jobs(dims, steps, 5, 1)) == 5  # one process: no split pays
+    done = {(2, l, s) for l in steps for s in range(5)} | {(4, 3, 0)}  # all of D=2, one more
+    plan = script.plan_jobs(dims, steps, 5, 2, frozenset(done))
+    got = sorted((d, l, s) for d, members in plan for l, s in members)
+    assert got == sorted((d, l, s) for d in dims for l in steps for s in range(5)
+                         if (d, l, s) not in done)  # fmt: skip
+    assert all(d != 2 for d, _ in plan)
     assert script.lpt_makespan([4, 3, 3], 2) == 6 and script.lpt_makespan([1, 1, 1, 1], 3) == 2
 
 
