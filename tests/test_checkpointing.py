@@ -191,6 +191,45 @@ def test_bad_granularity():
     assert model.activation_checkpointing is None
 
 
+@pytest.mark.parametrize("enabled", ["net", "yes", "false", 1, None, torch.tensor(True)])
+def test_enabled_must_be_a_bool(enabled):
+    """A granularity passed as the first argument (or any non-bool) is an error, not a
+    truthy value that silently turns the default granularity on (found by a helper); a model
+    with checkpointing on keeps its granularity."""
+    model, _ = _tiny()
+    with pytest.raises(TypeError, match="enabled must be True or False"):
+        model.set_activation_checkpointing(enabled)
+    assert model.activation_checkpointing is None
+    model.set_activation_checkpointing(True, "net")
+    with pytest.raises(TypeError, match="enabled"):
+        model.set_activation_checkpointing(enabled, "step")
+    assert model.activation_checkpointing == "net"
+    assert not any(getattr(m, "checkpoint_step", False) for m in model.modules())
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_second_backward_through_one_graph(granularity, one_thread):
+    """The documented limit: "net" and "step" allow a second backward through a retained
+    graph, with the gradients of the plain model; "block" (selective checkpointing) raises
+    PyTorch's clear error instead of returning anything wrong."""
+    model, x = _tiny(dropout=0.0)
+    grads = []
+    for mode in (None, granularity):
+        model.set_activation_checkpointing(mode is not None, mode or "block")
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dequantisation and z noise in both runs
+        loss = model.bpd(x).mean()
+        loss.backward(retain_graph=True)
+        if mode == "block":
+            with pytest.raises(RuntimeError, match="backward an extra time"):
+                loss.backward()
+            return
+        loss.backward()  # accumulates: twice the gradient
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for g_plain, g_ckpt in zip(*grads, strict=True):
+        torch.testing.assert_close(g_ckpt, g_plain, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_channels_last(granularity, calls, one_thread):
     model, x = _tiny(dtype=torch.float32)

@@ -495,12 +495,24 @@ class FlowPlusPlus(nn.Module):
         Evaluation, ``torch.no_grad`` passes (``initialize``, ``log_prob``) and ``sample``
         run exactly as without it. Works with torch.compile, channels_last, autocast and DDP
         (non-reentrant checkpointing). ``enabled=False`` restores the plain model.
+
+        Limits: "block" (PyTorch's selective checkpointing) allows ONE backward pass through a
+        graph: a second one (``backward(retain_graph=True)`` then ``backward()``, or a double
+        backward through ``torch.autograd.grad(..., create_graph=True)``) raises
+        ``RuntimeError: Trying to backward an extra time``; "net" and "step" allow both.
+        Changing the granularity or the train / eval mode between a forward and its backward
+        raises ``torch.utils.checkpoint.CheckpointError``; ``torch.func`` transforms do not
+        support checkpointing (saved tensor hooks).
+
+        Raises ``TypeError`` unless ``enabled`` is a bool and ``ValueError`` for an unknown
+        ``granularity``, in both cases leaving the model unchanged.
         """
+        if not isinstance(enabled, bool):  # e.g. a granularity passed first: "net"
+            raise TypeError(f"enabled must be True or False, got {enabled!r}")
         if granularity not in CHECKPOINT_GRANULARITIES:
             raise ValueError(
                 f"granularity must be one of {CHECKPOINT_GRANULARITIES}, got {granularity!r}"
             )
-        enabled = bool(enabled)
         last = self._last_step()
         for flow in self._flows():
             for layer in flow.layers:  # the steps with parameters (not squeezes, sigmoids)
