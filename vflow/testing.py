@@ -121,7 +121,8 @@ def graph_kept_bytes(loss_fn) -> int:
             loss = loss_fn()
     finally:
         checkpointing.checkpoint = plain_checkpoint
-    del loss, alive
+    del loss
+    alive.clear()
     return sum(storages.values())
 
 

@@ -18,9 +18,9 @@ Conventions. Every layer maps a batch ``x`` of shape ``(N, D)`` (plus an optiona
 from __future__ import annotations
 
 import math
-from pathlib import Path
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -764,8 +764,8 @@ class ToyEnsemble:
         mine = (self.dim, list(self.members), self.q_base, str(self.dtype))
         theirs = (state["dim"], [tuple(m) for m in state["members"]], state["q_base"])
         if mine != theirs + (state["dtype"],):
-            raise ValueError(f"state: saved for (dim, members, q_base, dtype) {theirs + (state['dtype'],)}, "
-                             f"this ensemble is {mine}")  # fmt: skip
+            raise ValueError(f"state: saved for (dim, members, q_base, dtype) "
+                             f"{theirs + (state['dtype'],)}, this ensemble is {mine}")  # fmt: skip
         for blk, saved in zip(self.blocks, state["blocks"], strict=True):
             for k, t in saved.items():
                 getattr(blk, k).copy_(t)

@@ -39,7 +39,8 @@ Memory. ``activation_checkpointing`` (``vflow train --activation-checkpointing``
 ``model.set_activation_checkpointing(True)`` on the built model, before DDP and compilation:
 the residual blocks of the couplings' conditioning networks and of the context networks are
 recomputed in the backward pass, except their attention and 3x3 convolutions, whose outputs
-are kept (the "block" granularity; same losses, less memory, more time). It is stored with the arguments, and a resumed run keeps it on.
+are kept (the "block" granularity; same losses, less memory, more time). It is stored with
+the arguments, and a resumed run keeps it on.
 
 Structure. :func:`train` runs a :class:`Trainer`: its constructor is the setup (settings
 from the arguments or the checkpoint, data, model, initialisation or resume, optimiser, EMA),
