@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from vflow import ops
-from vflow.checkpointing import keeps_output, maybe_checkpoint
+from vflow.checkpointing import maybe_checkpoint
 from vflow.nets import CouplingNet, data_init_scale, pixelwise_linear
 
 __all__ = [
@@ -57,7 +57,6 @@ __all__ = [
     "g_channel",
     "zero_logdet",
     "maybe_checkpoint",
-    "keeps_output",
 ]
 
 Pair = tuple[Tensor, Tensor]

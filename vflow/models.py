@@ -72,6 +72,11 @@ CHECKPOINT_GRANULARITIES = ("block", "net", "step")
 DEFAULT_INIT_SCHEME = "official"
 
 
+def _has_params(module: nn.Module) -> bool:
+    """Whether ``module`` has parameters (flow steps do; squeezes and sigmoids do not)."""
+    return any(True for _ in module.parameters())
+
+
 # --- architecture description -------------------------------------------------------------
 
 
@@ -516,8 +521,7 @@ class FlowPlusPlus(nn.Module):
         last = self._last_step()
         for flow in self._flows():
             for layer in flow.layers:  # the steps with parameters (not squeezes, sigmoids)
-                has_params = any(True for _ in layer.parameters())
-                layer.checkpoint_step = enabled and granularity == "step" and has_params
+                layer.checkpoint_step = enabled and granularity == "step" and _has_params(layer)
         for m in self.modules():
             if isinstance(m, (MixLogisticCoupling, AugmentedAffineCoupling)):
                 m.checkpoint_net = enabled and granularity == "net"
@@ -535,7 +539,7 @@ class FlowPlusPlus(nn.Module):
 
     def _last_step(self) -> nn.Module | None:
         """The last step of p with parameters (a coupling block or f_affine)."""
-        steps = [layer for layer in self.p_flow.layers if any(True for _ in layer.parameters())]
+        steps = [layer for layer in self.p_flow.layers if _has_params(layer)]
         return steps[-1] if steps else None
 
     def set_backend(self, name: str) -> FlowPlusPlus:
