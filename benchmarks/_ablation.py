@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import mean_std, run_parallel, write_csv  # noqa: E402
+from _common import mean_std, read_typed_csv, run_parallel, write_csv  # noqa: E402
 
 from vflow.models import build, parameter_counts  # noqa: E402
 
@@ -298,6 +298,8 @@ def run_one(
         "seed": seed,
         "steps": steps,
         "samples": samples,
+        "eval_every": eval_every,
+        "curve_images": curve_images or 0,
         "test_images": final["n"],
         "bpd_iw": final["iw_bpd"],
         "bpd_elbo": final["elbo_bpd"],
@@ -307,6 +309,44 @@ def run_one(
         "seconds": round(time.perf_counter() - t0, 1),
         "curves": [{"name": name, "seed": seed, **c} for c in curves],
     }
+
+
+#: The runs.csv columns of a run, as :func:`run_one` writes them and ``--previous`` reads them.
+RUN_COLUMNS = {"name": str, "extra_channels": int, "blocks": int, "params": int, "seed": int,
+               "steps": int, "samples": int, "eval_every": int, "curve_images": int,
+               "test_images": int, "bpd_iw": float, "bpd_elbo": float, "curve_final": float,
+               "skipped": int, "train_seconds": float, "seconds": float}  # fmt: skip
+
+
+def load_previous(study: Study, args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """The runs of ``args.previous`` (an earlier ``--out`` directory: its ``runs.csv`` and,
+    when ``args.eval_every``, its ``curves.csv``) that this invocation would train again, and
+    their curve rows. A run is reused when its model is one of ``args.models`` with the
+    same parameter count as today's (the definition has not changed), its seed is below
+    ``args.seeds`` and it had the same steps, importance samples S, curve interval, curve
+    images and number of test images. Raises ``FileNotFoundError`` for a missing file and
+    ``ValueError`` for a missing column or a (model, seed) that appears twice."""
+    what = "--previous"
+    rows = read_typed_csv(args.previous / "runs.csv", RUN_COLUMNS, ("curve_final",), what)
+    n_test = len(load_split(study, "test"))
+    settings = dict(steps=args.steps, samples=args.samples, eval_every=args.eval_every,
+                    curve_images=args.curve_images or 0,
+                    test_images=min(args.test_images or n_test, n_test))  # fmt: skip
+    params = {name: c["total"] for name, c in param_counts(study, args.models).items()}
+    keep = [
+        r for r in rows
+        if r["name"] in params and r["params"] == params[r["name"]] and r["seed"] < args.seeds
+        and all(r[k] == v for k, v in settings.items())
+    ]  # fmt: skip
+    keys = [(r["name"], r["seed"]) for r in keep]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{what}: {args.previous / 'runs.csv'} has a (name, seed) more than once")
+    if not (keep and args.eval_every):
+        return keep, []
+    columns = {"name": str, "seed": int, "step": int, "train_loss": float,
+               "train_elbo": float, f"{study.curve_split}_elbo": float}  # fmt: skip
+    curves = read_typed_csv(args.previous / "curves.csv", columns, what=what)
+    return keep, [c for c in curves if (c["name"], c["seed"]) in set(keys)]
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -482,6 +522,12 @@ def parse_args(study: Study, argv=None, doc: str | None = None) -> argparse.Name
         action="store_true",
         help="smoke run: " + ", ".join(f"{k}={v}" for k, v in quick.items()),
     )
+    ap.add_argument(
+        "--previous",
+        type=Path,
+        help="an earlier --out directory: its runs with the same settings are read back "
+        "(runs.csv, curves.csv) instead of trained again, so a study can be run in parts",
+    )
     args = ap.parse_args(argv)
     preset = quick if args.quick else full
     for k in PRESET_KEYS:
@@ -521,6 +567,8 @@ def main(study: Study, argv=None, doc: str | None = None) -> list[dict]:
                 f" largest B cut {cut:.0%} (promised <= {study.max_cut})",
                 file=sys.stderr,
             )
+    previous, previous_curves = load_previous(study, args) if args.previous else ([], [])
+    done = {(r["name"], r["seed"]) for r in previous}
     jobs = [
         dict(
             study=study,
@@ -534,11 +582,15 @@ def main(study: Study, argv=None, doc: str | None = None) -> list[dict]:
         )
         for s in range(args.seeds)
         for m in args.models
+        if (m, s) not in done
     ]
     t0 = time.perf_counter()
-    runs = run_parallel(run_one, jobs, args.workers)
-    runs.sort(key=lambda r: (list(study.models).index(r["name"]), r["seed"]))
-    curves = [c for r in runs for c in r.pop("curves")]
+    new_runs = run_parallel(run_one, jobs, args.workers) if jobs else []
+    if args.previous:
+        print(f"reused {len(previous)} runs of {args.previous}; trained {len(new_runs)}")
+    curves = previous_curves + [c for r in new_runs for c in r.pop("curves")]
+    order = list(study.models)
+    runs = sorted(previous + new_runs, key=lambda r: (order.index(r["name"]), r["seed"]))
     for r in runs:
         if not (math.isfinite(r["bpd_iw"]) and math.isfinite(r["bpd_elbo"])):
             print(f"warning: non-finite bpd in {r}", file=sys.stderr)
@@ -550,9 +602,9 @@ def main(study: Study, argv=None, doc: str | None = None) -> list[dict]:
         write_csv(args.out / "curves.csv", curves)
         plot_curves(study, curves, args.out / "curves.png")
     print(results_table(study, rows))
-    per_run = np.mean([r["seconds"] for r in runs])
+    per_run = np.mean([r["seconds"] for r in new_runs]) if new_runs else float("nan")
     print(
-        f"{len(runs)} runs in {time.perf_counter() - t0:.0f} s wall "
+        f"{len(new_runs)} runs trained in {time.perf_counter() - t0:.0f} s wall "
         f"({per_run:.0f} s per run, {args.workers} worker(s)); outputs in {args.out}"
     )
     return rows

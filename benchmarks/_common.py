@@ -1,4 +1,4 @@
-"""Helpers shared by the paper-study scripts (``toy_checkerboard.py``, ``digits_ablation.py``)."""
+"""Helpers shared by the paper-study scripts (``toy_checkerboard.py``, ``_ablation.py``)."""
 
 from __future__ import annotations
 
@@ -40,3 +40,19 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def read_typed_csv(
+    path: Path, columns: dict[str, Callable], optional: tuple[str, ...] = (), what: str = "csv"
+) -> list[dict]:
+    """The rows of the CSV file ``path`` as dicts of ``columns`` (name -> type, e.g. ``int``),
+    each value converted by its type; a column of ``optional`` may be absent or empty and
+    then reads as ``type("nan")`` (so only float columns should be optional). Raises
+    ``FileNotFoundError`` for a missing file and ``ValueError`` (prefixed with ``what``,
+    e.g. the command-line flag that named the file) when a needed column is missing."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = set(columns) - set(optional) - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{what}: {path} lacks the columns {sorted(missing)}")
+        return [{k: columns[k](r.get(k) or "nan") for k in columns} for r in reader]

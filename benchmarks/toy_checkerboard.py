@@ -81,7 +81,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import mean_std, run_parallel, write_csv  # noqa: E402
+from _common import mean_std, read_typed_csv, run_parallel, write_csv  # noqa: E402
 
 from vflow.toy import (  # noqa: E402
     ToyEnsemble,
@@ -214,14 +214,7 @@ def load_previous_runs(path: Path, args: argparse.Namespace) -> list[dict]:
     :func:`run_all` returns them (``test_elbo`` NaN where the file has none). Raises
     ``FileNotFoundError`` for a missing file and ``ValueError`` when a needed column is
     missing or a run appears twice."""
-    import csv
-
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = set(RUN_COLUMNS) - {"test_elbo"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"--previous-runs: {path} lacks the columns {sorted(missing)}")
-        rows = [{k: RUN_COLUMNS[k](r.get(k) or "nan") for k in RUN_COLUMNS} for r in reader]
+    rows = read_typed_csv(path, RUN_COLUMNS, optional=("test_elbo",), what="--previous-runs")
     keep = [
         r
         for r in rows

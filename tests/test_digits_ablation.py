@@ -97,6 +97,68 @@ def test_tiny_run_writes_csv_and_plot(script, tmp_path):
     assert not (tmp_path / "curves.csv").exists()  # --eval-every defaults to 0 for digits
 
 
+TINY = ["--steps", "3", "--seeds", "1", "--samples", "2", "--eval-every", "3",
+        "--curve-images", "8", "--test-images", "8", "--workers", "1"]  # fmt: skip
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _plant(path: Path, column: str, value) -> None:
+    """Set ``column`` of every row of the CSV ``path`` to ``value``."""
+    rows = _rows(path)
+    for r in rows:
+        r[column] = value
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_previous_runs_are_reused_not_retrained(script, tmp_path, capsys):
+    first = tmp_path / "first"
+    script.main(TINY + ["--models", "flowpp-1ch", "--out", str(first)])
+    _plant(first / "runs.csv", "bpd_iw", "0.125")  # values no training would give
+    _plant(first / "curves.csv", "test_elbo", "0.25")
+    capsys.readouterr()
+
+    both = tmp_path / "both"
+    rows = script.main(TINY + ["--models", "flowpp-1ch,vflow-2ch", "--previous", str(first),
+                               "--out", str(both)])  # fmt: skip
+    assert f"reused 1 runs of {first}; trained 1" in capsys.readouterr().out
+    iw = {r["name"]: r["bpd_iw_mean"] for r in rows}
+    assert iw["flowpp-1ch"] == 0.125  # read back, not trained again
+    assert 1.0 < iw["vflow-2ch"] < 10.0  # trained
+    assert len(_rows(both / "runs.csv")) == 2
+    curves = {(c["name"], c["step"]): float(c["test_elbo"]) for c in _rows(both / "curves.csv")}
+    assert curves[("flowpp-1ch", "3")] == 0.25 and curves[("vflow-2ch", "3")] != 0.25
+
+    for broken in ("missing", "twice"):
+        bad = tmp_path / broken
+        bad.mkdir()
+        lines = (first / "runs.csv").read_text().splitlines()
+        if broken == "missing":
+            header = lines[0].split(",")
+            lines = [",".join(v for k, v in zip(header, ln.split(","), strict=True)
+                              if k != "bpd_elbo") for ln in lines]  # fmt: skip
+        else:
+            lines.append(lines[1])
+        (bad / "runs.csv").write_text("\n".join(lines) + "\n")
+        with pytest.raises(ValueError, match="bpd_elbo" if broken == "missing" else "more than once"):
+            script.main(TINY + ["--models", "flowpp-1ch", "--previous", str(bad),
+                                "--out", str(tmp_path / "out")])  # fmt: skip
+
+    # other settings, or a model whose definition changed (another parameter count): trained
+    for changed, extra in (("steps", ["--steps", "4"]), ("params", [])):
+        if changed == "params":
+            _plant(first / "runs.csv", "params", "12345")
+        rows = script.main(TINY + extra + ["--models", "flowpp-1ch", "--previous", str(first),
+                                           "--out", str(tmp_path / changed)])  # fmt: skip
+        assert rows[0]["bpd_iw_mean"] != 0.125, changed
+
+
 def test_shared_loop_gives_the_package_trainers_weights(script, tmp_path):
     """_ablation.train_run is vflow.train.train's loop: same init, batches, noise, updates.
     (The digits numbers in digits_ablation.py were measured with the trainer.)"""
