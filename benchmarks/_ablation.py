@@ -338,15 +338,15 @@ def load_previous(study: Study, args: argparse.Namespace) -> tuple[list[dict], l
         if r["name"] in params and r["params"] == params[r["name"]] and r["seed"] < args.seeds
         and all(r[k] == v for k, v in settings.items())
     ]  # fmt: skip
-    keys = [(r["name"], r["seed"]) for r in keep]
-    if len(set(keys)) != len(keys):
+    kept = {(r["name"], r["seed"]) for r in keep}
+    if len(kept) != len(keep):
         raise ValueError(f"{what}: {args.previous / 'runs.csv'} has a (name, seed) more than once")
     if not (keep and args.eval_every):
         return keep, []
     columns = {"name": str, "seed": int, "step": int, "train_loss": float,
                "train_elbo": float, f"{study.curve_split}_elbo": float}  # fmt: skip
     curves = read_typed_csv(args.previous / "curves.csv", columns, what=what)
-    return keep, [c for c in curves if (c["name"], c["seed"]) in set(keys)]
+    return keep, [c for c in curves if (c["name"], c["seed"]) in kept]
 
 
 # ----------------------------------------------------------------------------- reporting
