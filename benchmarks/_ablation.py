@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import sys
 import time
@@ -349,6 +350,26 @@ def load_previous(study: Study, args: argparse.Namespace) -> tuple[list[dict], l
     return keep, [c for c in curves if (c["name"], c["seed"]) in kept]
 
 
+def write_runs(study: Study, out: Path, runs: list[dict], curves: list[dict]) -> list[dict]:
+    """Write ``out/runs.csv`` (and ``out/curves.csv`` when there are curves) from the runs
+    finished so far; returns the runs sorted by model (``study.models`` order), then seed."""
+    order = list(study.models)
+    runs = sorted(runs, key=lambda r: (order.index(r["name"]), r["seed"]))
+    write_csv(out / "runs.csv", runs)
+    if curves:
+        write_csv(out / "curves.csv", curves)
+    return runs
+
+
+def record_run(study: Study, out: Path, runs: list[dict], curves: list[dict], run: dict) -> None:
+    """Add a finished ``run`` (a :func:`run_one` result; its ``"curves"`` move to ``curves``)
+    to ``runs`` and rewrite the CSVs, so that a study stopped half-way leaves a directory
+    that ``--previous`` can resume from."""
+    curves.extend(run.pop("curves"))
+    runs.append(run)
+    write_runs(study, out, runs, curves)
+
+
 # ----------------------------------------------------------------------------- reporting
 
 
@@ -585,21 +606,19 @@ def main(study: Study, argv=None, doc: str | None = None) -> list[dict]:
         if (m, s) not in done
     ]
     t0 = time.perf_counter()
-    new_runs = run_parallel(run_one, jobs, args.workers) if jobs else []
+    runs, curves = list(previous), list(previous_curves)
+    record = functools.partial(record_run, study, args.out, runs, curves)
+    new_runs = run_parallel(run_one, jobs, args.workers, on_result=record) if jobs else []
     if args.previous:
         print(f"reused {len(previous)} runs of {args.previous}; trained {len(new_runs)}")
-    curves = previous_curves + [c for r in new_runs for c in r.pop("curves")]
-    order = list(study.models)
-    runs = sorted(previous + new_runs, key=lambda r: (order.index(r["name"]), r["seed"]))
+    runs = write_runs(study, args.out, runs, curves)
     for r in runs:
         if not (math.isfinite(r["bpd_iw"]) and math.isfinite(r["bpd_elbo"])):
             print(f"warning: non-finite bpd in {r}", file=sys.stderr)
     rows = summarise(study, runs)
-    write_csv(args.out / "runs.csv", runs)
     write_csv(args.out / "results.csv", rows)
     plot_bars(study, rows, args.out / "bpd_bar.png")
     if curves:
-        write_csv(args.out / "curves.csv", curves)
         plot_curves(study, curves, args.out / "curves.png")
     print(results_table(study, rows))
     per_run = np.mean([r["seconds"] for r in new_runs]) if new_runs else float("nan")

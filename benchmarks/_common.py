@@ -11,19 +11,32 @@ from pathlib import Path
 import numpy as np
 
 
-def run_parallel(fn: Callable[..., dict], jobs: list[dict], workers: int) -> list[dict]:
+def run_parallel(
+    fn: Callable[..., dict],
+    jobs: list[dict],
+    workers: int,
+    on_result: Callable[[dict], None] | None = None,
+) -> list[dict]:
     """``[fn(**job) for job in jobs]`` with a progress bar, in ``workers`` spawned processes
     (results in completion order), or in this process when ``workers <= 1``. ``fn`` must be
-    importable by name from the worker processes (a module-level function)."""
+    importable by name from the worker processes (a module-level function). ``on_result``
+    is called with each result as soon as it arrives (e.g. to write it to disk, so that a
+    study stopped half-way keeps its finished runs)."""
     from tqdm import tqdm
 
-    if workers <= 1:
-        return [fn(**job) for job in tqdm(jobs, desc="runs", dynamic_ncols=True)]
     results = []
+    if workers <= 1:
+        for job in tqdm(jobs, desc="runs", dynamic_ncols=True):
+            results.append(fn(**job))
+            if on_result is not None:
+                on_result(results[-1])
+        return results
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(fn, **job) for job in jobs]
         for f in tqdm(as_completed(futures), total=len(futures), desc="runs", dynamic_ncols=True):
             results.append(f.result())
+            if on_result is not None:
+                on_result(results[-1])
     return results
 
 

@@ -48,9 +48,11 @@ decay, batch 64, grad-norm clip 1, EMA 0.998; data-dependent initialisation ("of
 scheme) on 128 training images; the shared loop of ``_ablation.py`` (the package trainer's).
 
 Outputs in ``--out`` (default results/fashion_ablation): ``curves.csv`` / ``curves.png``
-(Fig. 6: ELBO bits/dim of the EMA weights on 1,000 training (light) and 1,000 validation
-(dark) images every ``--eval-every`` steps, mean over seeds), ``runs.csv``, ``results.csv``
-(test ELBO and IW bits/dim, mean and std over seeds) and ``bpd_bar.png``.
+(Fig. 6: ELBO bits/dim of the EMA weights on ``--curve-images`` fixed training (light) and
+validation (dark) images every ``--eval-every`` steps, mean over seeds), ``runs.csv``,
+``results.csv`` (test ELBO and IW bits/dim, mean and std over seeds) and ``bpd_bar.png``.
+``runs.csv`` and ``curves.csv`` are rewritten as each run finishes, so a study stopped
+half-way keeps its finished runs for ``--previous``.
 
 Full mode (defaults): 4 models x 2 seeds x 400 steps (batch 64: 25,600 images, half an
 epoch of the 50,000 training images), curves every 50 steps on 300 + 300 images, final test

@@ -160,6 +160,37 @@ def test_previous_runs_are_reused_not_retrained(script, tmp_path, capsys):
         assert rows[0]["bpd_iw_mean"] != 0.125, changed
 
 
+def test_a_study_stopped_half_way_keeps_its_finished_runs(script, tmp_path, monkeypatch, capsys):
+    """runs.csv and curves.csv are written as each run finishes: a study interrupted after
+    its first run leaves that run on disk, and --previous resumes from it."""
+    import _ablation
+
+    train_one = _ablation.run_one
+    calls = []
+
+    def stop_at_second_run(**job):
+        calls.append((job["name"], job["seed"]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the second run
+        return train_one(**job)
+
+    out = tmp_path / "stopped"
+    monkeypatch.setattr(_ablation, "run_one", stop_at_second_run)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(TINY + ["--models", "flowpp-1ch,vflow-2ch", "--out", str(out)])
+    monkeypatch.setattr(_ablation, "run_one", train_one)
+    assert calls == [("flowpp-1ch", 0), ("vflow-2ch", 0)]
+    assert [(r["name"], r["seed"]) for r in _rows(out / "runs.csv")] == [("flowpp-1ch", "0")]
+    assert {c["name"] for c in _rows(out / "curves.csv")} == {"flowpp-1ch"}
+    assert not (out / "results.csv").exists()  # the summary waits for the end
+    capsys.readouterr()
+
+    rows = script.main(TINY + ["--models", "flowpp-1ch,vflow-2ch", "--previous", str(out),
+                               "--out", str(tmp_path / "resumed")])  # fmt: skip
+    assert f"reused 1 runs of {out}; trained 1" in capsys.readouterr().out
+    assert [r["name"] for r in rows] == ["flowpp-1ch", "vflow-2ch"]
+
+
 def test_shared_loop_gives_the_package_trainers_weights(script, tmp_path):
     """_ablation.train_run is vflow.train.train's loop: same init, batches, noise, updates.
     (The digits numbers in digits_ablation.py were measured with the trainer.)"""

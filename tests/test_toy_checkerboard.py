@@ -241,8 +241,10 @@ def test_run_parallel_runs_every_job_in_worker_processes():
 
     jobs = [{"x": 4.0}, {"x": 9.0}, {"x": 16.0}]
     for workers in (1, 2):
-        results = run_parallel(dict, jobs, workers)  # dict(**job): a copy of each job
+        seen = []
+        results = run_parallel(dict, jobs, workers, on_result=seen.append)  # dict(**job): copies
         assert sorted(r["x"] for r in results) == [4.0, 9.0, 16.0]
+        assert seen == results  # each result handed over as it arrived, in completion order
 
 
 # ---- the batched ensemble trainer (toy.ToyEnsemble) against the one-model loop ----
