@@ -601,8 +601,8 @@ def main(study: Study, argv=None, doc: str | None = None) -> list[dict]:
             curve_images=args.curve_images,
             test_images=args.test_images,
         )
+        for m in args.models  # a model's seeds side by side: equal runs keep the workers even
         for s in range(args.seeds)
-        for m in args.models
         if (m, s) not in done
     ]
     t0 = time.perf_counter()
