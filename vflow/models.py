@@ -738,9 +738,10 @@ CONFIGS: dict[str, ModelConfig] = {
         ),
         # Fashion-MNIST (1x28x28, 256 levels): Table 5's Flow++ / VFlow structure at D_H = 16,
         # B = 1, K = 4, sized for >= 3 epochs an hour on 2 CPU cores (vflow train --compile
-        # --channels-last; a batch-64 step measured at 8.3x vflow-digits' CPU time, B = 2 at
-        # 13.4x). The 28x28 couplings have no attention (g_*: 392 positions per half made a
-        # step ~3x dearer); the 14x14 ones do (f_*).
+        # --channels-last: vflow-fashion's 3 epochs measured at 41 min, README; a batch-64
+        # step measured at 8.3x vflow-digits' CPU time, B = 2 at 13.4x). The 28x28 couplings
+        # have no attention (g_*: 392 positions per half made a step ~3x dearer); the 14x14
+        # ones do (f_*).
         ModelConfig(
             "flowpp-fashion",
             "flowpp",
