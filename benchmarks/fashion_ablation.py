@@ -62,17 +62,15 @@ each. ``--quick``: 2 steps, 1 seed, S = 2, 8 curve and 8 test images (CI smoke t
 of training them again, so the study can also be run a few models at a time
 (``--models``) and put together at the end.
 
-Wall time of the full mode, measured (2026-11-30, 2 workers, otherwise idle machine):
-2 h 8 min 57 s, 13,546 CPU-s, over the 2-hour target by 9 min. Side by side a step took
-3.0-4.3 s (with the curve evaluations), not the 2.75-3.06 s measured alone (CPU time, one
-thread) behind the earlier ~1.65 h estimate; a run took 1,436-2,072 s, 83% training and
-17% the IW test. Those jobs went out seed by seed and the last run ran alone for 27 min;
-jobs now go out model by model (a model's seeds side by side), which replayed with the
-measured run times ends after 6,930 s (1.93 h). The budget is what sets the length: a 1%
-budget with a B cut <= 30% needs B >= 10 at D_H = 16 (above), and half an epoch is what
-2 hours buy at that depth, so the study compares the models EARLY in training; the paper
-reports the VFlows ahead "at all stages of training" (Fig. 6, Remark 1). Results: README,
-"A fixed parameter budget on Fashion-MNIST"; docs/fashion_ablation_runs.csv.
+Wall time of the full mode, measured (2026-11-30, 2 workers, otherwise idle machine, jobs
+model by model): 1 h 53 min 4 s, 13,377 CPU-s, within the 2-hour target by 7 min; a run took
+1,388-1,979 s. A first run with the jobs seed by seed took 2 h 8 min 57 s, because its
+last run ran alone for 27 min; both runs gave the same bits/dim to the last digit. The
+budget is what sets the length: a 1% budget with a B cut <= 30% needs B >= 10 at D_H = 16
+(above), and half an epoch is what 2 hours buy at that depth, so the study compares the
+models EARLY in training; the paper reports the VFlows ahead "at all stages of training"
+(Fig. 6, Remark 1). Results: README, "A fixed parameter budget on Fashion-MNIST";
+docs/fashion_ablation_runs.csv.
 """
 
 from __future__ import annotations
