@@ -17,17 +17,17 @@ recipe, steps, seeds and data-dependent initialisation for all, and reports:
   ``test_images`` test images (all when None);
 * ``bpd_bar.png``: the final test IW bits/dim per model with std error bars.
 
-Training (:func:`train_run`) is the package trainer's loop (``vflow.train._train`` for a
+Training (:func:`train_run`) is the package trainer's loop (``vflow.train.train`` for a
 fresh single-process run) with evaluation hooks, built from ``vflow.train``'s own pieces:
 ``torch.manual_seed(seed)`` before the model is built; ``model.initialize`` on
-``init_batch(train, None, seed)`` (128 training images, the default "official" scheme); Adam
-with ``learning_rate(step + 1, recipe)``; ``seed_everything(seed * 7919 + 1)`` for the
-training noise; ``BatchStream(train, batch_size, seed)``; loss ``-elbo.mean() / (D ln 2)``;
-global grad-norm clip; a step with a non-finite loss or gradient is skipped; ``EMA`` update
-after each good step. For the same model, seed and recipe its weights after N steps equal
-those of ``vflow.train.train`` (``tests/test_digits_ablation.py`` checks this). Every
-evaluation runs under a forked RNG (``vflow.evaluate.evaluate``), so the curves do not
-change the training trajectory.
+``init_batch(train, None, seed)`` (128 training images, the default "official" scheme);
+``seed_everything(seed * 7919 + 1)`` for the training noise; ``BatchStream(train,
+batch_size, seed)``; each iteration the trainer's own :class:`vflow.step.TrainStep` (loss
+``-elbo.mean() / (D ln 2)``, global grad-norm clip, fused Adam at ``learning_rate(step + 1)``,
+a non-finite iteration skipped, the EMA update). For the same model, seed and recipe its
+weights after N steps equal those of ``vflow.train.train``
+(``tests/test_digits_ablation.py`` checks this). Every evaluation runs under a forked RNG
+(``vflow.evaluate.evaluate``), so the curves do not change the training trajectory.
 """
 
 from __future__ import annotations
@@ -185,71 +185,46 @@ def train_run(
     docstring for the exact loop). Every ``eval_every`` steps (and at the end) the EMA
     weights' ELBO bits/dim on each ``curve_sets[label]`` (an ImageData) is recorded.
     Returns (model, ema, curve rows, skipped steps)."""
-    from vflow.evaluate import evaluate
-    from vflow.train import (
-        EMA,
-        LN2,
-        BatchStream,
-        _ElboObjective,
-        init_batch,
-        learning_rate,
-        seed_everything,
-    )
+    from vflow.data import BatchStream
+    from vflow.step import EMA, StepHistory, TrainStep
+    from vflow.train import _ElboObjective, init_batch, seed_everything
 
     stream = BatchStream(train_data, int(recipe["batch_size"]), seed=seed)
     torch.manual_seed(seed)
     model = make_model().to(device)
-    dims = math.prod(train_data.shape)
-    opt = torch.optim.Adam(
-        model.parameters(), lr=learning_rate(1, recipe), betas=tuple(recipe["betas"])
-    )
     model.train()
     with torch.no_grad():
         model.initialize(init_batch(train_data, None, seed).to(device))
     ema = EMA(model, recipe["ema_decay"])
     seed_everything(seed * 7919 + 1)
-    objective = _ElboObjective(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_clip = recipe.get("grad_clip") or 0.0
-    curves, skipped, run_sum, run_n = [], 0, 0.0, 0
-
-    def record(step: int) -> None:
-        nonlocal run_sum, run_n
-        m = copy.deepcopy(model)
-        ema.copy_to(m)
-        row = {"step": step, "train_loss": run_sum / run_n if run_n else float("nan")}
-        for label, data in (curve_sets or {}).items():
-            row[f"{label}_elbo"] = evaluate(m, data, seed=seed, device=device)["elbo_bpd"]
-        curves.append(row)
-        run_sum, run_n = 0.0, 0
-
-    for step in range(steps):
-        lr = learning_rate(step + 1, recipe)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x = stream.next().to(device)
-        model.train()
-        loss = -objective(x).mean() / (dims * LN2)
-        loss.backward()
-        lval = float(loss.detach().double())
-        if grad_clip:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
-        else:
-            gnorm = torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in params if p.grad is not None])
-            ).item()
-        if math.isfinite(lval) and math.isfinite(gnorm):
-            opt.step()
-            ema.update(model)
-            run_sum, run_n = run_sum + lval, run_n + 1
-        else:
-            skipped += 1
-        opt.zero_grad(set_to_none=True)
-        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            record(step + 1)
-    if eval_every:
-        record(steps)
+    history = StepHistory(max(steps, 1), torch.device(device))
+    step = TrainStep(
+        _ElboObjective(model), model, ema, recipe, math.prod(train_data.shape), history
+    )
+    curves, skipped = [], 0
+    for done in range(1, steps + 1):
+        step(stream.next().to(device))
+        if eval_every and (done % eval_every == 0 or done == steps):
+            rows = history.read()
+            skipped += sum(not ok for _, _, ok in rows)
+            losses = [loss for loss, _, ok in rows if ok]
+            train_loss = sum(losses) / len(losses) if losses else float("nan")
+            curves.append(_curve_row(model, ema, done, train_loss, curve_sets, seed, device))
+    if not eval_every:
+        skipped = sum(not ok for _, _, ok in history.read())
     return model, ema, curves, skipped
+
+
+def _curve_row(model, ema, step, train_loss, curve_sets, seed, device) -> dict:
+    """A curves.csv row: the running training loss and the EMA weights' ELBO bits/dim on
+    each curve set (under a forked RNG, so the training trajectory does not change)."""
+    from vflow.evaluate import evaluate
+
+    averaged = ema.copy_to(copy.deepcopy(model))
+    row = {"step": step, "train_loss": train_loss}
+    for label, data in (curve_sets or {}).items():
+        row[f"{label}_elbo"] = evaluate(averaged, data, seed=seed, device=device)["elbo_bpd"]
+    return row
 
 
 def run_one(

@@ -92,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model. --batch-size is the global batch (split "
         "across torchrun ranks).",
     )
-    t.add_argument("--config", default="vflow-digits", help="model config (default: %(default)s)")
+    t.add_argument(
+        "--config",
+        help="model config (default: vflow-digits; a resumed run keeps its own, and a "
+        "different one is an error)",
+    )
     t.add_argument(
         "--data",
         choices=["digits", "cifar10", "imagenet32", "imagenet64", "fashion-mnist", "mnist"],
@@ -121,8 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="random horizontal flips (default: the recipe's)",
     )
     t.add_argument("--backend", default="auto", choices=["auto", "reference", "cpp", "triton"])
-    t.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda or cuda:N (default: auto = cuda when a GPU is available)",
+    )
+    t.add_argument("--seed", type=int, help="random seed of a new run (default: 0)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument(
         "--set",
@@ -156,10 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
         " use 'vflow eval' for the paper's numbers)",
     )
     t.add_argument(
-        "--no-final-eval",
-        dest="final_eval",
-        action="store_false",
-        help="skip the final test evaluation",
+        "--final-eval",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="evaluate the test ELBO and importance-weighted bits/dim at the end (default: "
+        "on; --no-final-eval skips only that evaluation, samples.png and loss.png are still "
+        "written; a resumed run keeps its setting unless given)",
     )
     t.add_argument("--n-samples", type=_nonneg_int, default=64, help="images per sample grid")
     t.add_argument(
@@ -201,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute the networks' residual blocks in the backward pass (selective "
         "torch.utils.checkpoint, keeping attention and 3x3 conv outputs): ~27%% of the "
         "step's memory growth at ~1.2x step time on vflow-cifar10 (a resumed run keeps it)",
+    )
+    t.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="capture the whole training iteration (forward, backward, Adam, EMA) once and "
+        "replay it as a CUDA graph (CUDA only; one batch shape)",
     )
     t.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -252,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(a, parser) -> int:
     from vflow import train as T
 
-    _check_config(parser, a.config)
+    if a.config is not None:
+        _check_config(parser, a.config)
     if a.resume and not a.out:
         parser.error("--resume needs --out RUNDIR (the run to continue)")
     out = a.out or T.default_run_dir(a.config)
@@ -290,12 +307,15 @@ def _train(a, parser) -> int:
         channels_last=a.channels_last,
         compile=a.compile,
         activation_checkpointing=a.activation_checkpointing,
+        cuda_graphs=a.cuda_graphs,
     )
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if main_rank:
         print(f"run directory: {out}", flush=True)
     try:
         res = T.train(args)
+    except T.TrainingInterrupted as stop:
+        return stop.exit_code
     except KeyboardInterrupt:
         return 130
     except T.NonFiniteError as err:

@@ -265,8 +265,9 @@ class FlowPlusPlus(nn.Module):
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def _check_images(self, x) -> Tensor:
-        """Validate integer images (B, C, H, W) in [0, n_bins); return them as floats."""
+    def _check_images(self, x, check_range: bool = True) -> Tensor:
+        """Validate integer images (B, C, H, W) in [0, n_bins); return them as floats.
+        ``check_range=False`` skips the range check, which reads the batch on the host."""
         cfg = self.config
         if not isinstance(x, Tensor):
             raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
@@ -284,16 +285,22 @@ class FlowPlusPlus(nn.Module):
             )
         if tuple(x.shape[2:]) != (h, w):
             raise ValueError(f"{cfg.name} expects {h}x{w} images, got {x.shape[2]}x{x.shape[3]}")
-        if x.numel() and torch.compiler.is_compiling():
-            # traced (no graph break): raises RuntimeError when the compiled graph runs
-            in_range = (x.min() >= 0) & (x.max() < cfg.n_bins)
-            torch._assert_async(in_range, f"image values must lie in [0, {cfg.n_bins})")
-        elif x.numel() and (int(x.min()) < 0 or int(x.max()) >= cfg.n_bins):
+        if check_range and x.numel():
+            self._check_value_range(x)
+        return x.to(device=self._device, dtype=self._dtype)
+
+    def _check_value_range(self, x: Tensor) -> None:
+        """ValueError unless every value of ``x`` lies in [0, n_bins) (a host read); traced
+        by torch.compile as an assertion that fails when the compiled graph runs."""
+        n_bins = self.config.n_bins
+        if torch.compiler.is_compiling():  # traced (no graph break)
+            in_range = (x.min() >= 0) & (x.max() < n_bins)
+            torch._assert_async(in_range, f"image values must lie in [0, {n_bins})")
+        elif int(x.min()) < 0 or int(x.max()) >= n_bins:
             raise ValueError(
-                f"image values must lie in [0, {cfg.n_bins}), got range "
+                f"image values must lie in [0, {n_bins}), got range "
                 f"[{int(x.min())}, {int(x.max())}]"
             )
-        return x.to(device=self._device, dtype=self._dtype)
 
     def _dequantise(self, x: Tensor, eps_r: Tensor | None):
         """u ~ r(u|x) and log r(u|x); x float (B, C, H, W)."""
@@ -326,11 +333,18 @@ class FlowPlusPlus(nn.Module):
     # -- public API --
 
     def elbo(
-        self, x: Tensor, *, eps_r: Tensor | None = None, eps_q: Tensor | None = None
+        self,
+        x: Tensor,
+        *,
+        eps_r: Tensor | None = None,
+        eps_q: Tensor | None = None,
+        validate: bool = True,
     ) -> Tensor:
         """Lower bound (B,) in nats on log P(x) of the discrete images x (one (u, z) draw).
-        ``eps_r`` (B, C, H, W) / ``eps_q`` (B, Cz, H, W) fix the standard normal noise."""
-        return self._objective(self._check_images(x), eps_r, eps_q)
+        ``eps_r`` (B, C, H, W) / ``eps_q`` (B, Cz, H, W) fix the standard normal noise.
+        ``validate=False`` skips the check that the values lie in [0, n_bins) (it reads the
+        batch on the host): for batches checked already, as the trainer's are at loading."""
+        return self._objective(self._check_images(x, check_range=validate), eps_r, eps_q)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.elbo(x)

@@ -1,49 +1,50 @@
 """Training: the official Flow++/VFlow recipe, EMA, checkpoints, exact resume and DDP.
 
-Recipe (per config, :data:`RECIPES`): Adam; the learning rate warms up linearly from 0 over
-``warmup`` steps, holds, and from ``decay_start`` decays by ``decay_rate`` per step down to
-``lr_min`` (VFlow CIFAR-10: 1.2e-3, warmup 2,000, x0.99999 from step 50,000 to 3e-4); global
-gradient-norm clipping at ``grad_clip`` (1.0); an EMA of the weights (``ema_decay``, 0.999)
-used for evaluation and sampling; data-dependent initialisation (``model.initialize``) before
-the optimiser starts, from its own init batch (:func:`init_batch`): ``init_batch_size``
-(default 128, capped at the training-set size) distinct training images drawn with the run's
-seed, independently of ``batch_size``, as the official code does (CIFAR-10: 128 init images,
-batch 64), since per-element statistics of a small training batch are degenerate (one image
-has zero variance). ``init_scheme`` selects the model's scheme ("official" or "actnorm"; None
-= the model's default). Resume does not re-initialise. The loss is the mean negative ELBO in
-bits per dimension.
+Recipe (per config, :mod:`vflow.recipe`): Adam with linear warm-up and exponential decay,
+global gradient-norm clipping at ``grad_clip`` (1.0), an EMA of the weights (``ema_decay``)
+used for evaluation and sampling, and data-dependent initialisation (``model.initialize``)
+before the optimiser starts, from its own init batch (:func:`init_batch`):
+``init_batch_size`` (default 128, capped at the training-set size) distinct training images
+drawn with the run's seed, independently of ``batch_size``, as the official code does
+(CIFAR-10: 128 init images, batch 64). ``init_scheme`` selects the model's scheme
+("official" or "actnorm"; None = the model's default). Resume does not re-initialise. The
+loss is the mean negative ELBO in bits per dimension.
 
-Steps. ``step`` counts training iterations (batches consumed); :func:`learning_rate` is
-evaluated at ``step + 1`` for the iteration that makes update ``step + 1``. An iteration whose
-loss or gradient is not finite is skipped (no update, no EMA update; the batch is consumed)
-and counted; ``max_bad_steps`` consecutive skips stop training with
-:class:`NonFiniteError` and leave the last checkpoint untouched.
+Steps. ``step`` counts training iterations (batches consumed); the iteration that makes
+update ``step + 1`` uses ``learning_rate(step + 1)``. One iteration (:mod:`vflow.step`) reads
+no tensor value on the host: its loss, gradient norm and finite flag stay on the device, an
+iteration whose loss or gradient is not finite is skipped there (no update, no EMA update;
+the batch is consumed), and the trainer reads the iterations' metrics once per logging
+window (``log_every``), where it writes the "train" row and a "skip" row per skipped
+iteration of metrics.jsonl; ``max_bad_steps`` consecutive skips stop training with
+:class:`NonFiniteError` at that read and leave the last checkpoint untouched. On a GPU the
+batch is copied from pinned memory without blocking, so the host prepares the next batch
+while the device computes; ``cuda_graphs`` (``vflow train --cuda-graphs``) captures the
+whole iteration once and replays it as a CUDA graph (:class:`vflow.step.GraphedStep`).
 
-Checkpoints (``ckpt-<step>.pt`` in the run directory, written to a temporary file and moved
-into place with ``os.replace``, the last ``keep`` kept) hold only tensors and plain
-containers: model and EMA weights, the optimiser state, the step, the data position
-``(epoch, index)``, the torch / numpy / python (and CUDA) RNG states of every rank, the model
-spec ``{name, overrides, backend}``, the recipe and the arguments. They load with
-``torch.load(weights_only=True)``. ``resume=True`` continues from the newest one so that
-the following steps are bit-identical to an uninterrupted run. Ctrl-C writes a checkpoint.
+Checkpoints (:mod:`vflow.checkpoints`; ``ckpt-<step>.pt`` in the run directory, atomic, the
+last ``keep`` kept) hold the model and EMA weights, the optimiser state, the step, the data
+position ``(epoch, index)``, the RNG states of every rank, the model spec, the recipe and the
+arguments. ``resume=True`` continues from the newest checkpoint that loads (an unreadable
+newer one is renamed ``*.unreadable`` and reported) so that the following steps are
+bit-identical to an uninterrupted run; options that contradict the checkpoint's settings
+(config, data, seed, model overrides, recipe values such as the batch size) are refused.
+SIGINT and SIGTERM are deferred to the end of the iteration (:mod:`vflow.interrupts`),
+which writes a consistent checkpoint there and stops with exit code 130 / 143; SIGUSR1
+writes a checkpoint and goes on.
 
-Distributed. Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) the process group is
-initialised from the environment (gloo on CPU, nccl on CUDA), the model is wrapped in
+Distributed. Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised from
+the environment (gloo on CPU, nccl on CUDA), the model is wrapped in
 ``DistributedDataParallel``, and ``batch_size`` is the GLOBAL batch: each of the N ranks
-takes ``batch_size / N`` images of every global batch (same images, same hyperparameters as a
-single-process run). Rank 0 alone initialises the model from the init batch and broadcasts
-the weights and buffers, so a DDP run starts from exactly the single-process initialisation;
-rank 0 alone writes logs, checkpoints and images.
+takes ``batch_size / N`` images of every global batch. Rank 0 alone initialises the model
+and broadcasts the weights and buffers; rank 0 alone writes logs, checkpoints and images.
+The ranks agree on stop requests once per logging window.
 
-Memory. ``activation_checkpointing`` (``vflow train --activation-checkpointing``) calls
-``model.set_activation_checkpointing(True)`` on the built model, before DDP and compilation:
-the residual blocks of the couplings' conditioning networks and of the context networks are
-recomputed in the backward pass, except their attention and 3x3 convolutions, whose outputs
-are kept (the "block" granularity; same losses, less memory, more time). It is stored with
-the arguments, and a resumed run keeps it on.
+Memory. ``activation_checkpointing`` calls ``model.set_activation_checkpointing(True)``
+(same losses, less memory, more time); a resumed run keeps it on.
 
 Structure. :func:`train` runs a :class:`Trainer`: its constructor is the setup (settings
-from the arguments or the checkpoint, data, model, initialisation or resume, optimiser, EMA),
+from the arguments or the checkpoint, data, model, initialisation or resume, EMA, the step),
 :meth:`Trainer.train_step` one iteration, :meth:`Trainer.evaluate_ema` the evaluation,
 :meth:`Trainer.write_checkpoint` a checkpoint and :meth:`Trainer.run` the loop.
 """
@@ -52,408 +53,45 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import glob
+import inspect
 import json
 import math
 import os
-import random
-import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .checkpoints import (  # noqa: F401  (re-exported: the trainer's public names)
+    CheckpointError,
+    get_rng_state,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    newest_loadable_checkpoint,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 from .data import BatchStream, _gen, default_dataset_for, load_dataset
+from .distributed import (
+    DistInfo,
+    broadcast_module,
+    init_distributed,
+    shutdown_distributed,
+)
 from .evaluate import draw_samples, evaluate, model_cfg, plot_loss_curve, save_grid
+from .interrupts import StopRequests, TrainingInterrupted
+from .recipe import DEFAULT_RECIPE, RECIPES, get_recipe, learning_rate  # noqa: F401
+from .step import EMA, LN2, GraphedStep, StepHistory, TrainStep  # noqa: F401
 
-LN2 = math.log(2.0)
+DEFAULT_CONFIG = "vflow-digits"
 
-# ----------------------------------------------------------------------------- recipe
 
-DEFAULT_RECIPE = {
-    "lr": 1e-3,  # peak learning rate
-    "warmup": 200,  # linear warm-up steps (0 = none)
-    "decay_start": None,  # step from which the lr decays exponentially (None = never)
-    "decay_rate": 1.0,  # per-step decay factor
-    "lr_min": 0.0,  # floor of the decay
-    "batch_size": 64,  # global batch
-    "betas": (0.9, 0.999),
-    "grad_clip": 1.0,  # global grad-norm clip (None or 0 = off)
-    "ema_decay": 0.999,
-    "steps": 10_000,  # default length when neither --steps nor --epochs is given
-    "flip": False,  # random horizontal flips of the training images
-}
-
-#: Per-config training recipes (merged over DEFAULT_RECIPE; unknown configs get the default).
-RECIPES: dict[str, dict] = {
-    # The small default: ~3-4 minutes on 2 CPU cores (see vflow.cli).
-    "vflow-digits": {"lr": 2e-3, "warmup": 100, "batch_size": 64, "ema_decay": 0.99, "steps": 1000},
-    "flowpp-digits": {
-        "lr": 2e-3,
-        "warmup": 100,
-        "batch_size": 64,
-        "ema_decay": 0.99,
-        "steps": 1000,
-    },
-    # Official VFlow CIFAR-10 (paper section 6): 1.2e-3, warmup 2k, x0.99999 from 50k to 3e-4.
-    "vflow-cifar10": {
-        "lr": 1.2e-3,
-        "warmup": 2000,
-        "decay_start": 50_000,
-        "decay_rate": 0.99999,
-        "lr_min": 3e-4,
-        "batch_size": 64,
-        "ema_decay": 0.999,
-        "steps": 1_500_000,
-        "flip": True,
-    },
-    # Flow++ used 3e-4 without decay.
-    "flowpp-cifar10": {
-        "lr": 3e-4,
-        "warmup": 2000,
-        "batch_size": 64,
-        "ema_decay": 0.999,
-        "steps": 1_500_000,
-        "flip": True,
-    },
-    # ImageNet 32x32: lr 1e-3, warmup 5,000, batch 32.
-    "vflow-imagenet32": {
-        "lr": 1e-3,
-        "warmup": 5000,
-        "batch_size": 32,
-        "ema_decay": 0.999,
-        "steps": 1_500_000,
-    },
-    "vflow-imagenet64": {
-        "lr": 1e-3,
-        "warmup": 5000,
-        "batch_size": 32,
-        "ema_decay": 0.999,
-        "steps": 1_500_000,
-    },
-    # Fashion-MNIST 28x28 (this package's scaled-down Table 5 structure): 3 epochs of the
-    # 50,000 training images at batch 64 (ceil(150,000 / 64) = 2,344 steps).
-    "vflow-fashion": {
-        "lr": 1e-3,
-        "warmup": 200,
-        "batch_size": 64,
-        "ema_decay": 0.999,
-        "steps": 2344,
-    },
-    "flowpp-fashion": {
-        "lr": 1e-3,
-        "warmup": 200,
-        "batch_size": 64,
-        "ema_decay": 0.999,
-        "steps": 2344,
-    },
-}
-
-
-def get_recipe(config: str, **overrides) -> dict:
-    """The recipe of ``config`` (its own entry, else that of its family, e.g. a
-    "vflow-cifar10-4m" gets "vflow-cifar10"'s, else the default), with ``overrides``
-    (``None`` values ignored) applied on top."""
-    base = dict(DEFAULT_RECIPE)
-    if config in RECIPES:
-        base.update(RECIPES[config])
-    else:
-        for data in ("cifar10", "imagenet32", "imagenet64", "digits", "fashion"):
-            if data in config:
-                kind = "flowpp" if config.startswith("flowpp") else "vflow"
-                base.update(RECIPES.get(f"{kind}-{data}", RECIPES.get(f"vflow-{data}", {})))
-                break
-    for k, v in overrides.items():
-        if v is not None:
-            if k not in DEFAULT_RECIPE:
-                raise KeyError(f"unknown recipe key {k!r}; known: {', '.join(DEFAULT_RECIPE)}")
-            base[k] = v
-    return base
-
-
-def learning_rate(step: int, recipe: dict) -> float:
-    """The learning rate of update number ``step`` (1-based; ``step = 0`` gives 0 under warmup).
-
-    ``lr * min(1, step / warmup)`` while warming up; from ``decay_start`` on,
-    ``max(lr_min, lr * decay_rate ** (step - decay_start))``.
-    """
-    lr = float(recipe["lr"])
-    warmup = int(recipe.get("warmup") or 0)
-    if warmup > 0 and step < warmup:
-        return lr * max(step, 0) / warmup
-    start = recipe.get("decay_start")
-    if start is not None and step > start:
-        rate = float(recipe.get("decay_rate", 1.0))
-        return max(float(recipe.get("lr_min") or 0.0), lr * rate ** (step - start))
-    return lr
-
-
-# ----------------------------------------------------------------------------- EMA
-
-
-class EMA:
-    """Exponential moving average of the parameters (buffers are copied as they are).
-
-    ``decay_t = min(decay, (1 + t) / (10 + t))`` after ``t`` updates, so that the average
-    is not dominated by the initial weights in short runs.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = float(decay)
-        self.updates = 0
-        self.params = {k: p.detach().clone() for k, p in model.named_parameters()}
-        self.buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for k, p in model.named_parameters():
-            self.params[k].mul_(d).add_(p.detach(), alpha=1 - d)
-        for k, b in model.named_buffers():
-            self.buffers[k].copy_(b)
-        self.updates += 1
-
-    def state_dict(self) -> dict:
-        return {
-            "decay": self.decay,
-            "updates": self.updates,
-            "params": self.params,
-            "buffers": self.buffers,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.decay, self.updates = float(state["decay"]), int(state["updates"])
-        for k, v in state["params"].items():
-            self.params[k].copy_(v)
-        for k, v in state["buffers"].items():
-            if k in self.buffers and self.buffers[k].shape == v.shape:
-                self.buffers[k].copy_(v)
-            else:
-                self.buffers[k] = v.clone()
-
-    def model_state(self) -> dict:
-        """A state dict for ``load_state_dict`` of the model: EMA params + current buffers."""
-        return {**self.buffers, **self.params}
-
-    def copy_to(self, model: nn.Module) -> nn.Module:
-        model.load_state_dict(self.model_state(), strict=False)
-        return model
-
-
-# ----------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    initialized_here: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device: str) -> DistInfo:
-    """Initialise the process group from the environment when ``WORLD_SIZE > 1``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    if dist.is_initialized():
-        return DistInfo(
-            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-        )
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local)
-    # Import torch.distributed.nn before the group exists. Ten of its functions declare
-    # ``group=group.WORLD`` as a default argument, evaluated at import: imported later (a DDP
-    # run imports it lazily), their __defaults__ hold the live default ProcessGroup for good,
-    # so destroy_process_group cannot free it and gloo's worker and TCP-loop threads and the
-    # TCPStore thread run on into interpreter teardown, where a rank aborted with
-    # std::terminate ("terminate called without an active exception"). Imported now, they
-    # hold None.
-    from torch.distributed import nn as _dist_nn  # noqa: F401
-
-    dist.init_process_group(backend=backend, init_method="env://")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local, initialized_here=True)
-
-
-def shutdown_distributed(info: DistInfo, finished: bool) -> None:
-    """Destroy the process group that ``init_distributed`` created. After a normal finish
-    the ranks first meet at a barrier: a gloo rank whose peer tears down while it is still
-    working (rank 0 writing the last files, say) can abort with std::terminate."""
-    if not (info.initialized_here and dist.is_initialized()):
-        return
-    if finished:
-        dist.barrier()
-    dist.destroy_process_group()
-
-
-def _broadcast_module(model: nn.Module, src: int = 0) -> None:
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(t.data, src)
-
-
-class _ElboObjective(nn.Module):
-    """``forward(x) = model.elbo(x)``, so that DistributedDataParallel sees a forward call."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model.elbo(x)
-
-
-# ----------------------------------------------------------------------------- RNG state
-
-
-def get_rng_state(device: torch.device) -> dict:
-    npst = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "name": str(npst[0]),
-            "key": torch.from_numpy(npst[1].astype(np.int64)),
-            "pos": int(npst[2]),
-            "has_gauss": int(npst[3]),
-            "cached_gaussian": float(npst[4]),
-        },
-        "python": random.getstate(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(
-        (
-            n["name"],
-            n["key"].numpy().astype(np.uint32),
-            n["pos"],
-            n["has_gauss"],
-            n["cached_gaussian"],
-        )
-    )
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def set_threads(num_threads: int | None, data_name: str, device: str) -> None:
-    """``torch.set_num_threads``: as given, else 1 for the tiny digits models on CPU (their
-    ops are too small to split; measured ~10x less CPU time per step than with 2 threads on
-    a busy 2-core machine), else torch's default."""
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    elif data_name == "digits" and not str(device).startswith("cuda"):
-        torch.set_num_threads(1)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-CKPT_RE = re.compile(r"ckpt-(\d+)\.pt$")
-
-
-def list_checkpoints(run_dir: str) -> list[str]:
-    """Checkpoint files of a run, oldest first."""
-    files = [f for f in glob.glob(os.path.join(run_dir, "ckpt-*.pt")) if CKPT_RE.search(f)]
-    return sorted(files, key=lambda f: int(CKPT_RE.search(f).group(1)))
-
-
-def latest_checkpoint(run_dir: str) -> str | None:
-    files = list_checkpoints(run_dir)
-    return files[-1] if files else None
-
-
-def save_checkpoint(state: dict, run_dir: str, step: int, keep: int = 3) -> str:
-    """Write ``ckpt-<step>.pt`` atomically (temp file + ``os.replace``), keep the last ``keep``."""
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, f"ckpt-{step:08d}.pt")
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if keep and keep > 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            try:
-                os.remove(old)
-            except OSError:
-                pass
-    return path
-
-
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint as data only (``weights_only=True``)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-# ----------------------------------------------------------------------------- model building
-
-
-def default_build(spec: dict) -> nn.Module:
-    """Build a model from a spec ``{"name", "overrides", "backend"}`` with ``vflow.build``."""
-    import vflow
-
-    build = getattr(vflow, "build", None)
-    if build is None:
-        from vflow.models import build
-    return build(
-        spec["name"], backend=spec.get("backend", "auto"), **dict(spec.get("overrides") or {})
-    )
-
-
-def load_run_model(
-    run_dir: str,
-    device="cpu",
-    use_ema: bool = True,
-    backend: str | None = None,
-    build_fn: Callable[[dict], nn.Module] = default_build,
-):
-    """The model of a run's newest checkpoint (EMA weights by default) and the checkpoint."""
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"run directory not found: {run_dir}")
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint (ckpt-*.pt) in run directory {run_dir}")
-    ck = load_checkpoint(path)
-    spec = dict(ck["model_spec"])
-    if backend is not None:
-        spec["backend"] = backend
-    model = build_fn(spec)
-    model.load_state_dict(ck["model"])
-    if use_ema and ck.get("ema") is not None:
-        ema_state = {**ck["ema"]["buffers"], **ck["ema"]["params"]}
-        model.load_state_dict(ema_state, strict=False)
-    model.to(device).eval()
-    return model, ck
-
-
-# ----------------------------------------------------------------------------- trainer
+# ----------------------------------------------------------------------------- arguments
 
 
 class NonFiniteError(RuntimeError):
@@ -462,9 +100,10 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class TrainArgs:
-    """Everything a training run needs (the CLI fills it from its options)."""
+    """Everything a training run needs (the CLI fills it from its options). ``None`` means
+    "not given": a new run takes the default, a resumed run its checkpoint's value."""
 
-    config: str = "vflow-digits"
+    config: str | None = None  # default: vflow-digits (a resumed run: the checkpoint's)
     data: str | None = None  # default: from the config name
     data_dir: str | None = None
     out: str | None = None  # run directory; default runs/<config>-<timestamp>
@@ -477,8 +116,8 @@ class TrainArgs:
     grad_clip: float | None = None
     flip: bool | None = None
     backend: str = "auto"
-    device: str = "cpu"
-    seed: int = 0
+    device: str = "auto"  # "auto": cuda if a GPU is available, else cpu
+    seed: int | None = None  # default 0
     resume: bool = False
     overrides: dict = field(default_factory=dict)  # model overrides for vflow.build
     log_every: int = 10
@@ -487,7 +126,7 @@ class TrainArgs:
     eval_batch_size: int = 256
     ckpt_every: int = 500
     keep: int = 3
-    final_eval: bool = True  # ELBO and IW bpd on the whole test split at the end
+    final_eval: bool | None = None  # test ELBO and IW bpd at the end (default True)
     iw_samples: int = 16
     n_samples: int = 64  # images in a sample grid
     max_bad_steps: int = 20
@@ -498,10 +137,11 @@ class TrainArgs:
     channels_last: bool = False  # channels_last weights and activations (faster CPU convs)
     compile: bool = False  # torch.compile the training objective (networks + couplings)
     activation_checkpointing: bool = False  # recompute the coupling networks in backward
+    cuda_graphs: bool = False  # capture the whole iteration as a CUDA graph (CUDA only)
 
     def recipe(self) -> dict:
         return get_recipe(
-            self.config,
+            self.config or DEFAULT_CONFIG,
             lr=self.lr,
             warmup=self.warmup,
             batch_size=self.batch_size,
@@ -510,6 +150,12 @@ class TrainArgs:
             flip=self.flip,
         )
 
+
+#: TrainArgs fields that are part of the recipe (a resumed run keeps its checkpoint's).
+RECIPE_ARGS = ("lr", "warmup", "batch_size", "ema_decay", "grad_clip", "flip")
+
+#: Run options a resumed run takes from its checkpoint unless given again.
+INHERITED_OPTIONS = {"final_eval": True}
 
 DEFAULT_INIT_BATCH_SIZE = 128  # official Flow++ CIFAR-10: init_bs = 128 at batch 64
 _INIT_STREAM = 0x1417  # key of the init-batch generator (distinct from the batch stream's)
@@ -540,8 +186,32 @@ def init_batch(data, size: int | None, seed: int) -> torch.Tensor:
     return data.images[idx].long()
 
 
-def default_run_dir(config: str) -> str:
-    return os.path.join("runs", f"{config}-{time.strftime('%Y%m%d-%H%M%S')}")
+def default_run_dir(config: str | None) -> str:
+    return os.path.join("runs", f"{config or DEFAULT_CONFIG}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def resolve_device(name: str) -> str:
+    """``name``, with "auto" resolved to "cuda" when a GPU is available, else "cpu";
+    ValueError for a name torch does not know or a CUDA device without CUDA."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def set_threads(num_threads: int | None, data_name: str, device: str) -> None:
+    """``torch.set_num_threads``: as given, else 1 for the tiny digits models on CPU (their
+    ops are too small to split; measured ~10x less CPU time per step than with 2 threads on
+    a busy 2-core machine), else torch's default."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    elif data_name == "digits" and not str(device).startswith("cuda"):
+        torch.set_num_threads(1)
 
 
 def _log(msg: str, info: DistInfo) -> None:
@@ -560,15 +230,58 @@ def _plain(obj):
     return str(obj)
 
 
-@dataclass
-class TrainResult:
-    run_dir: str
-    step: int
-    model: nn.Module
-    ema: EMA
-    final: dict | None
-    skipped: int
-    checkpoint: str | None
+# ----------------------------------------------------------------------------- models
+
+
+def default_build(spec: dict) -> nn.Module:
+    """Build a model from a spec ``{"name", "overrides", "backend"}`` with ``vflow.build``."""
+    from vflow.models import build
+
+    return build(
+        spec["name"], backend=spec.get("backend", "auto"), **dict(spec.get("overrides") or {})
+    )
+
+
+def load_run_model(
+    run_dir: str,
+    device="cpu",
+    use_ema: bool = True,
+    backend: str | None = None,
+    build_fn: Callable[[dict], nn.Module] = default_build,
+):
+    """The model of a run's newest readable checkpoint (EMA weights by default) and the
+    checkpoint; a newer checkpoint that cannot be read is passed over with a warning."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    path, ck, passed_over = newest_loadable_checkpoint(run_dir)
+    for _bad, reason in passed_over:
+        print(f"warning: {reason}; using {path}", file=sys.stderr, flush=True)
+    spec = dict(ck["model_spec"])
+    if backend is not None:
+        spec["backend"] = backend
+    model = build_fn(spec)
+    model.load_state_dict(ck["model"])
+    if use_ema and ck.get("ema") is not None:
+        ema_state = {**ck["ema"]["buffers"], **ck["ema"]["params"]}
+        model.load_state_dict(ema_state, strict=False)
+    model.to(device).eval()
+    return model, ck
+
+
+class _ElboObjective(nn.Module):
+    """``forward(x) = model.elbo(x)``, so that DistributedDataParallel sees a forward call.
+    Passes ``validate=False`` to models whose ``elbo`` takes it: the training batches were
+    checked when the dataset was loaded, and the model's range check reads the batch on
+    the host."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        takes = "validate" in inspect.signature(model.elbo).parameters
+        self.elbo_options = {"validate": False} if takes else {}
+
+    def forward(self, x):
+        return self.model.elbo(x, **self.elbo_options)
 
 
 def compile_objective(fn, device: torch.device | str):
@@ -582,23 +295,30 @@ def compile_objective(fn, device: torch.device | str):
     return torch.compile(fn, options=options)
 
 
-def train(args: TrainArgs, build_fn: Callable[[dict], nn.Module] = default_build) -> TrainResult:
-    """Train (or resume) a run; see the module docstring. Returns the final state."""
-    info = init_distributed(args.device)
-    finished = False
-    try:
-        result = _train(args, build_fn, info)
-        finished = True
-        return result
-    finally:
-        shutdown_distributed(info, finished)
+def training_objective(model: nn.Module, args: TrainArgs, info: DistInfo, device) -> nn.Module:
+    """``x -> model.elbo(x)`` as a module, wrapped in DistributedDataParallel under DDP and
+    compiled with ``--compile`` (which compiles on the first step)."""
+    objective = _ElboObjective(model)
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        objective = compile_objective(objective, device)
+    return objective
 
 
-def _train(args: TrainArgs, build_fn, info: DistInfo) -> TrainResult:
-    return Trainer(args, build_fn, info).run()
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """``model.set_activation_checkpointing(True)``; ValueError for a model without it."""
+    if not callable(getattr(model, "set_activation_checkpointing", None)):
+        raise ValueError(
+            f"activation_checkpointing: model {type(model).__name__} has no "
+            f"set_activation_checkpointing"
+        )
+    model.set_activation_checkpointing(True)
 
 
-# ----------------------------------------------------------------------------- trainer: setup
+# ----------------------------------------------------------------------------- run settings
 
 
 @dataclass
@@ -613,10 +333,6 @@ class RunSettings:
     data_dir: str | None
 
 
-#: TrainArgs fields that are part of the recipe (a resumed run keeps its checkpoint's).
-RECIPE_ARGS = ("lr", "warmup", "batch_size", "ema_decay", "grad_clip", "flip")
-
-
 def training_device(name: str, info: DistInfo) -> torch.device:
     """The device of this rank: ``name``, on the local rank's GPU when DDP runs on CUDA."""
     device = torch.device(name)
@@ -625,18 +341,78 @@ def training_device(name: str, info: DistInfo) -> torch.device:
     return device
 
 
-def checkpoint_to_resume(run_dir: str, resume: bool) -> str | None:
-    """The newest checkpoint of ``run_dir`` when resuming (else None). Refuses to resume a
-    run without checkpoints (FileNotFoundError) and to start over one (FileExistsError)."""
+def checkpoint_to_resume(run_dir: str, resume: bool, info: DistInfo) -> tuple[str, dict] | None:
+    """``(path, checkpoint)`` of the newest readable checkpoint of ``run_dir`` when resuming
+    (else None). Newer checkpoints that cannot be read are renamed ``<name>.unreadable``
+    (rank 0) so that they neither shadow the one resumed from nor get pruned in its place,
+    and reported. Refuses to resume a run without checkpoints (FileNotFoundError) and to
+    start over one (FileExistsError)."""
     path = latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
-    if resume and path is None:
+    if not resume:
+        if path is not None:
+            raise FileExistsError(
+                f"{run_dir} already holds checkpoints; pass --resume to continue "
+                f"it or choose another --out"
+            )
+        return None
+    if path is None:
         raise FileNotFoundError(f"--resume: no checkpoint (ckpt-*.pt) in {run_dir}")
-    if not resume and path is not None:
-        raise FileExistsError(
-            f"{run_dir} already holds checkpoints; pass --resume to continue "
-            f"it or choose another --out"
+    path, ck, passed_over = newest_loadable_checkpoint(run_dir)
+    for bad, reason in passed_over:
+        _log(f"warning: {reason}; resuming from {path} instead", info)
+        if info.main:
+            os.replace(bad, bad + ".unreadable")
+    return path, ck
+
+
+def check_resume_options(args: TrainArgs, ck: dict) -> None:
+    """ValueError listing every given option that contradicts the checkpoint's settings
+    (config, data, seed, model overrides, recipe values); equal values are accepted."""
+    spec, recipe = ck["model_spec"], ck["recipe"]
+    given = {
+        "--config": (args.config, spec["name"]),
+        "--data": (args.data, ck["data"]),
+        "--seed": (args.seed, ck["seed"]),
+        "--set": (_plain(args.overrides) or None, _plain(spec.get("overrides") or {})),
+    }
+    for key in RECIPE_ARGS:
+        given["--" + key.replace("_", "-")] = (getattr(args, key), recipe.get(key))
+    conflicts = [
+        f"{option} {new!r} (the run has {old!r})"
+        for option, (new, old) in given.items()
+        if new is not None and not _same_setting(new, old)
+    ]
+    if conflicts:
+        raise ValueError(
+            f"--resume: the options contradict the settings of the run in its checkpoint: "
+            f"{'; '.join(conflicts)}. Omit them to continue the run, or start a new run "
+            f"with another --out"
         )
-    return path
+
+
+def _same_setting(new, old) -> bool:
+    if isinstance(new, (int, float)) and not isinstance(new, bool) and old is None:
+        return new == 0  # grad_clip 0 and None both mean "off"
+    return _plain(new) == _plain(old)
+
+
+def args_for_resume(args: TrainArgs, ck: dict) -> TrainArgs:
+    """``args`` with the checkpoint's values where the run keeps them: activation
+    checkpointing stays on if the run had it on (a run that needed it to fit still needs it),
+    and the options of :data:`INHERITED_OPTIONS` that were not given."""
+    saved = ck.get("args", {})
+    changes = {k: saved.get(k, default) for k, default in INHERITED_OPTIONS.items()}
+    changes = {k: v for k, v in changes.items() if getattr(args, k) is None}
+    if saved.get("activation_checkpointing"):
+        changes["activation_checkpointing"] = True
+    return dataclasses.replace(args, **changes)
+
+
+def args_for_new_run(args: TrainArgs) -> TrainArgs:
+    """``args`` with the defaults of the options that were not given."""
+    changes = {k: v for k, v in INHERITED_OPTIONS.items() if getattr(args, k) is None}
+    changes.update(config=args.config or DEFAULT_CONFIG, seed=args.seed or 0)
+    return dataclasses.replace(args, **changes)
 
 
 def settings_from_args(args: TrainArgs) -> RunSettings:
@@ -646,27 +422,16 @@ def settings_from_args(args: TrainArgs) -> RunSettings:
     return RunSettings(spec, args.recipe(), args.seed, data_name, args.data_dir)
 
 
-def settings_from_checkpoint(ck: dict, args: TrainArgs, info: DistInfo) -> RunSettings:
+def settings_from_checkpoint(ck: dict, args: TrainArgs) -> RunSettings:
     """The settings of a resumed run: the checkpoint's, except ``args.backend`` (unless
-    "auto") and ``args.data_dir`` (if given). Recipe arguments are ignored, with a note."""
+    "auto") and ``args.data_dir`` (if given)."""
     spec = dict(ck["model_spec"])
     if args.backend != "auto":
         spec["backend"] = args.backend
     recipe = dict(ck["recipe"])
     recipe["betas"] = tuple(recipe["betas"])
-    given = [k for k in RECIPE_ARGS if getattr(args, k) is not None]
-    if given:
-        _log(f"note: resuming with the checkpoint's recipe; ignoring {', '.join(given)}", info)
     data_dir = args.data_dir or ck.get("data_dir")
     return RunSettings(spec, recipe, int(ck["seed"]), ck["data"], data_dir)
-
-
-def args_for_resume(args: TrainArgs, ck: dict) -> TrainArgs:
-    """``args``, with activation checkpointing on if the checkpointed run had it on (a run
-    that needed it to fit in memory still needs it)."""
-    if args.activation_checkpointing or not ck.get("args", {}).get("activation_checkpointing"):
-        return args
-    return dataclasses.replace(args, activation_checkpointing=True)
 
 
 def total_steps_of(args: TrainArgs, stream: BatchStream, ck: dict | None, recipe: dict) -> int:
@@ -679,16 +444,6 @@ def total_steps_of(args: TrainArgs, stream: BatchStream, ck: dict | None, recipe
     if ck is not None:
         return int(ck["total_steps"])
     return int(recipe["steps"])
-
-
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """``model.set_activation_checkpointing(True)``; ValueError for a model without it."""
-    if not callable(getattr(model, "set_activation_checkpointing", None)):
-        raise ValueError(
-            f"activation_checkpointing: model {type(model).__name__} has no "
-            f"set_activation_checkpointing"
-        )
-    model.set_activation_checkpointing(True)
 
 
 def check_model_fits_data(model: nn.Module, settings: RunSettings, data) -> None:
@@ -706,25 +461,40 @@ def check_model_fits_data(model: nn.Module, settings: RunSettings, data) -> None
         )
 
 
-def training_objective(model: nn.Module, args: TrainArgs, info: DistInfo, device) -> nn.Module:
-    """``x -> model.elbo(x)`` as a module, wrapped in DistributedDataParallel under DDP and
-    compiled with ``--compile`` (which compiles on the first step)."""
-    objective = _ElboObjective(model)
+def check_cuda_graphs(args: TrainArgs, device: torch.device, info: DistInfo) -> None:
+    """ValueError unless CUDA graphs can run: a CUDA device, a single process."""
+    if not args.cuda_graphs:
+        return
+    if device.type != "cuda":
+        raise ValueError(
+            f"--cuda-graphs needs a CUDA device; this run is on {device} (CUDA graphs "
+            f"replay GPU work only)"
+        )
     if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+        raise ValueError("--cuda-graphs is not supported under torchrun (DDP) yet")
 
-        objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        objective = compile_objective(objective, device)
-    return objective
+
+# ----------------------------------------------------------------------------- metrics
 
 
 class TrainWindow:
-    """Running sums of the training metrics since the last "train" row of metrics.jsonl."""
+    """Running sums of the training metrics since the last "train" row of metrics.jsonl
+    (checkpointed, so that a run stopped inside a window logs the same rows on resume)."""
 
     def __init__(self):
         self.bpd, self.gnorm, self.n, self.imgs = 0.0, 0.0, 0, 0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
         self.t0 = time.perf_counter()
+
+    def state_dict(self) -> dict:
+        return {"bpd": self.bpd, "gnorm": self.gnorm, "n": self.n, "imgs": self.imgs}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state:  # checkpoints from before the window was saved start an empty one
+            self.bpd, self.gnorm = float(state["bpd"]), float(state["gnorm"])
+            self.n, self.imgs = int(state["n"]), int(state["imgs"])
 
     def add(self, bpd: float, gnorm: float, ok: bool, images: int) -> None:
         """Count one iteration of ``images`` images; its loss and gradient norm if ``ok``."""
@@ -750,6 +520,30 @@ class TrainWindow:
         }
 
 
+@dataclass
+class TrainResult:
+    run_dir: str
+    step: int
+    model: nn.Module
+    ema: EMA
+    final: dict | None
+    skipped: int
+    checkpoint: str | None
+
+
+def train(args: TrainArgs, build_fn: Callable[[dict], nn.Module] = default_build) -> TrainResult:
+    """Train (or resume) a run; see the module docstring. Returns the final state."""
+    args = dataclasses.replace(args, device=resolve_device(args.device))
+    info = init_distributed(args.device)
+    finished = False
+    try:
+        result = Trainer(args, build_fn, info).run()
+        finished = True
+        return result
+    finally:
+        shutdown_distributed(info, finished)
+
+
 # ----------------------------------------------------------------------------- trainer
 
 
@@ -757,33 +551,45 @@ class Trainer:
     """One training run (new or resumed) of this rank: ``Trainer(args, build_fn, info).run()``.
 
     The constructor sets everything up (settings, data, model, initialisation or resume,
-    optimiser, EMA, run.json); :meth:`train_step` is one iteration, :meth:`evaluate_ema` the
-    test evaluation, :meth:`write_checkpoint` a checkpoint and :meth:`run` the loop.
+    EMA, the device-resident step, run.json); :meth:`train_step` is one iteration,
+    :meth:`evaluate_ema` the test evaluation, :meth:`write_checkpoint` a checkpoint and
+    :meth:`run` the loop.
     """
 
     def __init__(self, args: TrainArgs, build_fn=default_build, info: DistInfo | None = None):
         check_init_batch_size(args.init_batch_size)
         self.info = info = info or DistInfo()
-        self.device = training_device(args.device, info)
+        self.device = training_device(resolve_device(args.device), info)
+        check_cuda_graphs(args, self.device, info)
         self.run_dir = args.out or default_run_dir(args.config)
-        self.resumed_from = checkpoint_to_resume(self.run_dir, args.resume)
-        ck = load_checkpoint(self.resumed_from) if args.resume else None
-        self.args = args if ck is None else args_for_resume(args, ck)
-        self.settings = (
-            settings_from_args(args) if ck is None else settings_from_checkpoint(ck, args, info)
-        )
+        resumed = checkpoint_to_resume(self.run_dir, args.resume, info)
+        self.resumed_from, ck = resumed if resumed else (None, None)
+        if ck is None:
+            self.args = args_for_new_run(args)
+            self.settings = settings_from_args(self.args)
+        else:
+            check_resume_options(args, ck)
+            self.args = args_for_resume(args, ck)
+            self.settings = settings_from_checkpoint(ck, self.args)
+        self.bad_streak, self.last_ckpt, self.bar = 0, self.resumed_from, None
+        self.window = TrainWindow()
         self._load_data(ck)
         self._build_model(build_fn)
         if ck is None:
             self._initialize()
         else:
+            self.model.load_state_dict(ck["model"])
+        self._build_step(ck)
+        if ck is not None:
             self._restore(ck)
         self._write_run_description()
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
-        self.objective = training_objective(self.model, self.args, info, self.device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.grad_clip = self.settings.recipe.get("grad_clip") or 0.0
-        self.bad_streak, self.last_ckpt, self.bar, self.window = 0, self.resumed_from, None, None
+        _log(
+            f"training on {self.device} ({_device_name(self.device)}), backend "
+            f"{_backend_of(self.model, self.device)}"
+            + (", CUDA graphs" if self.args.cuda_graphs else ""),
+            info,
+        )
 
     # --------------------------------------------------------------------- setup
 
@@ -805,8 +611,7 @@ class Trainer:
         self.total_steps = total_steps_of(self.args, self.stream, ck, s.recipe)
 
     def _build_model(self, build_fn) -> None:
-        """The model (built identically on every rank, from the seed) and its optimiser."""
-        recipe = self.settings.recipe
+        """The model, built identically on every rank from the seed."""
         torch.manual_seed(self.settings.seed)
         self.model = model = build_fn(self.settings.spec).to(self.device)
         if self.args.channels_last:  # before the optimizer and EMA see the parameters
@@ -815,13 +620,10 @@ class Trainer:
             enable_activation_checkpointing(model)
         check_model_fits_data(model, self.settings, self.train_data)
         self.dims = math.prod(self.train_data.shape)
-        self.opt = torch.optim.Adam(
-            model.parameters(), lr=learning_rate(1, recipe), betas=tuple(recipe["betas"])
-        )
 
     def _initialize(self) -> None:
         """A new run: data-dependent initialisation on rank 0 (broadcast to the others),
-        a fresh EMA, step 0, and the training noise seeded per rank."""
+        step 0, and the training noise seeded per rank."""
         args, info, seed = self.args, self.info, self.settings.seed
         self.model.train()
         if info.main:
@@ -830,19 +632,38 @@ class Trainer:
             with torch.no_grad():
                 self.model.initialize(x0, **scheme)
         if info.enabled:
-            _broadcast_module(self.model)
-        self.ema = EMA(self.model, self.settings.recipe["ema_decay"])
+            broadcast_module(self.model)
         self.step, self.skipped = 0, 0
         seed_everything(seed * 7919 + 1 + info.rank)  # training noise, distinct per rank
 
-    def _restore(self, ck: dict) -> None:
-        """A resumed run: weights, EMA, optimiser, data position, counters and RNG states."""
-        self.model.load_state_dict(ck["model"])
+    def _build_step(self, ck: dict | None) -> None:
+        """The EMA (from the checkpoint when resuming), the objective and the step."""
         self.ema = EMA(self.model, self.settings.recipe["ema_decay"])
-        self.ema.load_state_dict(ck["ema"])
-        self.opt.load_state_dict(ck["optimizer"])
+        if ck is not None:
+            self.ema.load_state_dict(ck["ema"])
+        self.objective = training_objective(self.model, self.args, self.info, self.device)
+        self.history = StepHistory(self.args.log_every, self.device)
+        self.step_fn = TrainStep(
+            self.objective,
+            self.model,
+            self.ema,
+            self.settings.recipe,
+            self.dims,
+            self.history,
+            world_size=self.info.world_size,
+            capturable=self.args.cuda_graphs,
+        )
+        self.opt = self.step_fn.opt
+        self.run_step = GraphedStep(self.step_fn) if self.args.cuda_graphs else self.step_fn
+
+    def _restore(self, ck: dict) -> None:
+        """A resumed run: optimiser, data position, counters and RNG states."""
+        self.step_fn.load_optimizer_state(ck["optimizer"])
         self.stream.load_state_dict(ck["data_position"])
         self.step, self.skipped = int(ck["step"]), int(ck.get("skipped", 0))
+        self.bad_streak = int(ck.get("bad_streak", 0))
+        self.window.load_state_dict(ck.get("window"))
+        self.step_fn.count.fill_(self.step)
         self._restore_rng_states(ck["rng"])
         _log(f"resumed {self.run_dir} from {self.resumed_from} at step {self.step}", self.info)
 
@@ -884,62 +705,42 @@ class Trainer:
 
     # --------------------------------------------------------------------- one step
 
-    def train_step(self) -> float:
-        """One iteration: set the learning rate, take the next batch, backpropagate the loss,
-        clip the gradient and update (or skip a non-finite iteration). Returns the lr."""
-        lr = learning_rate(self.step + 1, self.settings.recipe)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        bpd, finite = self._backward(self.stream.next().to(self.device))
-        gnorm = self._gradient_norm()
-        ok = finite and math.isfinite(gnorm)
-        self._update_or_skip(ok)
+    def train_step(self) -> None:
+        """One iteration on the next batch (no host read of a tensor value)."""
+        if self.history.pending == self.history.capacity:
+            self._read_history()
+        self.run_step(self._next_batch())
         self.step += 1
-        self.window.add(bpd, gnorm, ok, self.stream.batch_size)
-        if not ok:
-            self._record_skip(bpd, gnorm)
-        return lr
 
-    def _backward(self, x: torch.Tensor) -> tuple[float, bool]:
-        """Backpropagate the loss (bits/dim) of batch ``x``; returns the loss (the mean over
-        ranks) and whether it was finite on every rank."""
-        self.model.train()
-        elbo = self.objective(x)
-        loss = -elbo.mean() / (self.dims * LN2)  # bits/dim
-        loss.backward()
-        lval = loss.detach().double()
-        stats = torch.stack([lval, (~torch.isfinite(lval)).double()])  # on the device
-        if self.info.enabled:
-            dist.all_reduce(stats)  # (nccl needs device tensors) sum over ranks
-            stats[0] /= self.info.world_size  # mean bpd; stats[1] > 0: any rank non-finite
-        stats = stats.cpu()
-        return stats[0].item(), stats[1].item() == 0
+    def _next_batch(self) -> torch.Tensor:
+        """This rank's next batch on the device; on CUDA copied from pinned memory without
+        blocking the host."""
+        x = self.stream.next()
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device)
 
-    def _gradient_norm(self) -> float:
-        """The global gradient norm, before clipping (clips it when the recipe says so)."""
-        if self.grad_clip:
-            return torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip).item()
-        return torch.linalg.vector_norm(
-            torch.stack([p.grad.norm() for p in self.params if p.grad is not None])
-        ).item()
-
-    def _update_or_skip(self, ok: bool) -> None:
-        """Apply the optimiser and EMA updates if ``ok``, else count a skipped iteration."""
-        if ok:
-            self.opt.step()
-            self.ema.update(self.model)
-            self.bad_streak = 0
-        else:
+    def _read_history(self) -> None:
+        """Read the metrics of the iterations since the last read (one host read): add them
+        to the window, write a "skip" row per skipped iteration, and raise NonFiniteError
+        after ``max_bad_steps`` skips in a row."""
+        rows = self.history.read()
+        first = self.step - len(rows) + 1
+        for i, (bpd, gnorm, ok) in enumerate(rows):
+            self.window.add(bpd, gnorm, ok, self.stream.batch_size)
+            if ok:
+                self.bad_streak = 0
+                continue
             self.bad_streak += 1
             self.skipped += 1
-        self.opt.zero_grad(set_to_none=True)
+            self._record_skip(first + i, bpd, gnorm)
 
-    def _record_skip(self, bpd: float, gnorm: float) -> None:
+    def _record_skip(self, step: int, bpd: float, gnorm: float) -> None:
         """A "skip" row; NonFiniteError after ``max_bad_steps`` skips in a row."""
         self._write_metrics(
             {
                 "kind": "skip",
-                "step": self.step,
+                "step": step,
                 "loss": bpd,
                 "grad_norm": gnorm,
                 "streak": self.bad_streak,
@@ -949,7 +750,7 @@ class Trainer:
         if self.bad_streak >= self.args.max_bad_steps:
             raise NonFiniteError(
                 f"{self.bad_streak} consecutive steps with a non-finite loss or gradient "
-                f"(last at step {self.step}); stopping. The last good checkpoint is "
+                f"(last at step {step}); stopping. The last good checkpoint is "
                 f"{self.last_ckpt or '(none written yet)'}"
             )
 
@@ -961,8 +762,10 @@ class Trainer:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def _log_training(self, lr: float) -> None:
+    def _log_training(self) -> None:
         """Write the "train" row of the iterations since the last one and start a new window."""
+        self._read_history()
+        lr = learning_rate(self.step, self.settings.recipe)
         row = self.window.row(self.step, self.stream.epoch, lr, self.skipped)
         self._write_metrics(row)
         if self.bar is not None:
@@ -982,10 +785,10 @@ class Trainer:
 
     def evaluate_ema(self, final: bool = False) -> dict:
         """Test ELBO of the EMA weights (periodic: on ``eval_images`` images; final: on the
-        whole split, with the importance-weighted bound), an "eval" row and a sample grid."""
-        args, model = self.args, self.ema_model()
+        whole split, with the importance-weighted bound) and an "eval" row."""
+        args = self.args
         res = evaluate(
-            model,
+            self.ema_model(),
             self.test_data,
             batch_size=args.eval_batch_size,
             samples=args.iw_samples if final else 0,
@@ -996,12 +799,14 @@ class Trainer:
             desc="test (IW)",
         )
         self._write_metrics({"kind": "eval", "step": self.step, "final": final, **res})
-        if self.info.main and args.n_samples:
-            self._save_samples(model, final)
         return res
 
-    def _save_samples(self, model: nn.Module, final: bool) -> None:
-        """A grid of ``n_samples`` samples: samples.png at the end, else samples-<step>.png."""
+    def save_samples(self, final: bool) -> None:
+        """A grid of ``n_samples`` samples of the EMA weights (rank 0): samples.png at the
+        end, else samples-<step>.png."""
+        if not (self.info.main and self.args.n_samples):
+            return
+        model = self.ema_model()
         x = draw_samples(model, self.args.n_samples, seed=self.settings.seed, device=self.device)
         name = "samples.png" if final else f"samples-{self.step:08d}.png"
         save_grid(
@@ -1013,6 +818,7 @@ class Trainer:
 
     def _periodic_eval(self) -> None:
         res = self.evaluate_ema()
+        self.save_samples(final=False)
         if self.bar is not None:
             self.bar.write(
                 f"step {self.step}: test ELBO {res['elbo_bpd']:.4f} bits/dim (EMA, "
@@ -1022,8 +828,10 @@ class Trainer:
     # --------------------------------------------------------------------- checkpoints
 
     def write_checkpoint(self, reason: str, collective: bool = True) -> str | None:
-        """Write ``ckpt-<step>.pt`` (rank 0; returns its path, None on other ranks). With
-        ``collective``, every rank must call it: rank 0 gathers all the RNG states."""
+        """Write ``ckpt-<step>.pt`` (rank 0; returns its path, None on other ranks) after
+        reading the pending metrics. With ``collective``, every rank must call it: rank 0
+        gathers all the RNG states."""
+        self._read_history()
         rngs = self._rng_states(collective)
         if not self.info.main:
             return None
@@ -1032,6 +840,8 @@ class Trainer:
 
     def _rng_states(self, collective: bool) -> list:
         """The RNG states of every rank (gathered), or rank 0's alone (``collective=False``)."""
+        import torch.distributed as dist
+
         rng = get_rng_state(self.device)
         if self.info.enabled and collective:
             rngs = [None] * self.info.world_size
@@ -1047,6 +857,8 @@ class Trainer:
             "step": self.step,
             "total_steps": self.total_steps,
             "skipped": self.skipped,
+            "bad_streak": self.bad_streak,
+            "window": self.window.state_dict(),
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.opt.state_dict(),
@@ -1065,16 +877,16 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Train to ``total_steps`` with the periodic logs, evaluations and checkpoints,
-        then write the final checkpoint and evaluation. Ctrl-C writes a checkpoint."""
+        then write the final checkpoint and evaluation. SIGINT / SIGTERM stop the loop at
+        the end of an iteration with a checkpoint (:class:`TrainingInterrupted`)."""
         self._open_progress_bar()
-        self.window = TrainWindow()
+        self.window.restart_clock()
         try:
-            while self.step < self.total_steps:
-                lr = self.train_step()
-                self._after_step(lr)
-        except KeyboardInterrupt:
-            self._checkpoint_on_interrupt()
-            raise
+            with StopRequests() as stops:
+                while self.step < self.total_steps:
+                    self.train_step()
+                    self._after_step()
+                    self._handle_requests(stops)
         finally:
             self._close_progress_bar()
         return self._finish()
@@ -1083,38 +895,48 @@ class Trainer:
         """Whether a periodic action every ``every`` steps (0 = never) is due before the end."""
         return bool(every) and self.step % every == 0 and self.step < self.total_steps
 
-    def _after_step(self, lr: float) -> None:
+    def _after_step(self) -> None:
         """Logs, progress, periodic evaluation and checkpoint after an iteration."""
         if self.step % self.args.log_every == 0 or self.step == self.total_steps:
-            self._log_training(lr)
+            self._log_training()
         if self.bar is not None:
             self.bar.update(1)
         if self._due(self.args.eval_every):
             self._periodic_eval()
-        if self._due(self.args.ckpt_every) and self.bad_streak == 0:
-            self.last_ckpt = self.write_checkpoint("periodic") or self.last_ckpt
+        if self._due(self.args.ckpt_every):
+            self._read_history()
+            if self.bad_streak == 0:
+                self.last_ckpt = self.write_checkpoint("periodic") or self.last_ckpt
 
-    def _checkpoint_on_interrupt(self) -> None:
-        self._close_progress_bar()
-        path = self.write_checkpoint("interrupt", collective=False)
-        _log(
-            f"\ninterrupted at step {self.step}; checkpoint written to {path}; continue with "
-            f"--resume --out {self.run_dir}",
-            self.info,
-        )
+    def _handle_requests(self, stops: StopRequests) -> None:
+        """Act on SIGINT / SIGTERM / SIGUSR1 received during the iteration: every iteration
+        in a single process, once per logging window under DDP (where the ranks agree)."""
+        if self.info.enabled and self.step % self.args.log_every:
+            return
+        stop, checkpoint = stops.agree(self.info.world_size, self.device)
+        if stop is not None:
+            self._close_progress_bar()
+            path = self.write_checkpoint("interrupt")
+            err = TrainingInterrupted(stop, self.step, path)
+            _log(f"\n{err}; continue with --resume --out {self.run_dir}", self.info)
+            raise err
+        if checkpoint:
+            stops.checkpoint = False
+            self.last_ckpt = self.write_checkpoint("requested") or self.last_ckpt
+            _log(f"step {self.step}: checkpoint {self.last_ckpt} written on request", self.info)
 
     def _finish(self) -> TrainResult:
-        """The final checkpoint, the final evaluation and loss curve (if asked for)."""
+        """The final checkpoint, then (rank 0) the final evaluation if asked for, the sample
+        grid and the loss curve."""
         self.last_ckpt = self.write_checkpoint("final") or self.last_ckpt
-        final = None
-        if self.args.final_eval:
-            final = self.evaluate_ema(final=True)
-            if self.info.main:
-                plot_loss_curve(
-                    self.metrics_path,
-                    os.path.join(self.run_dir, "loss.png"),
-                    title=f"{self.settings.spec['name']} on {self.settings.data_name}",
-                )
+        final = self.evaluate_ema(final=True) if self.args.final_eval else None
+        self.save_samples(final=True)
+        if self.info.main:
+            plot_loss_curve(
+                self.metrics_path,
+                os.path.join(self.run_dir, "loss.png"),
+                title=f"{self.settings.spec['name']} on {self.settings.data_name}",
+            )
         return TrainResult(
             self.run_dir, self.step, self.model, self.ema, final, self.skipped, self.last_ckpt
         )
@@ -1135,3 +957,23 @@ class Trainer:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{torch.get_num_threads()} CPU threads"
+
+
+def _backend_of(model: nn.Module, device: torch.device) -> str:
+    """The coupling backend the model runs on ``device`` ("auto" resolved), for the
+    start-up line."""
+    from . import ops
+
+    backend = getattr(model, "backend", None)
+    if backend is None:
+        return "n/a"
+    try:
+        return ops.resolve_backend(backend, device)
+    except ValueError as err:
+        return f"{backend} ({err})"
