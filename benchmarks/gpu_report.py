@@ -13,9 +13,15 @@ one is recorded in the report, with the partial results it had, and the next sec
 * ``tests``        ``pytest --device cuda`` on the tests that run on the device
   (``tests/test_triton_kernels.py``, without the sm_90 ahead-of-time compile test, which needs
   no GPU): pass / fail / skip counts and the failures' summary lines;
-* ``train_plain``, ``train_bf16``, ``train_checkpointing``  a ``vflow-cifar10`` training step
-  (bits/dim forward + backward) at batch 64 on the fused (Triton) backend: plain, with bf16
-  autocast of the conditioning networks (``benchmarks/model_step.py``'s ``fused+bf16``), and
+* ``train_step``   the trainer's whole iteration (``vflow.step.TrainStep``: forward, backward,
+  clipping, fused Adam, EMA; no host reads) of ``vflow-cifar10`` at batch 64 on the fused
+  (Triton) backend: eager and replayed as a CUDA graph (``GraphedStep``), with float32 and
+  with bf16 networks; ms per iteration over back-to-back iterations, images/s, peak memory,
+  the graph's speed-up over eager;
+* ``profile``      torch.profiler of one eager and one graphed iteration: wall time, kernel
+  launches, the GPU's busy fraction (kernel time over wall time) and the top kernels;
+* ``train_plain``, ``train_checkpointing``  the bare loss + backward step of
+  ``benchmarks/model_step.py`` (the numbers of ``../shared/notes/gpu-h200.md``), plain and
   with ``model.set_activation_checkpointing(True)`` ("not available" where the model has no
   such method): the first step's time (Triton compilation included), the median step time and
   peak memory (``torch.cuda.max_memory_allocated``, and its growth over what the process held
@@ -69,15 +75,15 @@ def _child_env(device: str) -> dict:
 SECTIONS = [
     "environment",
     "tests",
+    "train_step",
+    "profile",
+    "coupling",
     "train_plain",
-    "train_bf16",
     "train_checkpointing",
     "sample",
-    "coupling",
 ]
 TRAIN_VARIANTS = {
     "train_plain": "plain",
-    "train_bf16": "bf16",
     "train_checkpointing": "checkpointing",
 }
 
@@ -95,18 +101,24 @@ GPU = dict(
     coupling_min_run_time=0.2,
     compile=True,
     copy_mb=1024,
-    pytest_args=["tests/test_triton_kernels.py", "-k", "not compile_for_sm90_without_gpu"],
+    pytest_args=[
+        "tests/test_triton_kernels.py",
+        "tests/test_step.py",
+        "-k",
+        "not compile_for_sm90_without_gpu and (triton or cuda)",
+    ],
     budgets=dict(
-        environment=40,
+        environment=30,
         tests=150,
-        train_plain=60,
-        train_bf16=45,
-        train_checkpointing=60,
-        sample=60,
-        coupling=150,
+        train_step=100,
+        profile=45,
+        coupling=110,
+        train_plain=35,
+        train_checkpointing=35,
+        sample=25,
     ),
-    total_budget=465,
-    reserve=20,
+    total_budget=470,
+    reserve=15,
 )
 DRY = dict(
     GPU,
@@ -128,11 +140,12 @@ DRY = dict(
     budgets=dict(
         environment=120,
         tests=240,
+        train_step=180,
+        profile=120,
+        coupling=240,
         train_plain=180,
-        train_bf16=180,
         train_checkpointing=180,
         sample=180,
-        coupling=240,
     ),
     total_budget=1500,
     reserve=20,
@@ -401,9 +414,7 @@ def section_train(s: dict, out: Partial, variant: str) -> None:
     out.update(config=s["config"], batch=s["batch"], variant=variant)
     model, x, backend = _build(s)
     out.update(backend=backend)
-    if variant == "bf16":
-        ms._wrap_nets(model, "fused+bf16")  # autocast(bfloat16) around every network
-    elif variant == "checkpointing":
+    if variant == "checkpointing":
         if not callable(getattr(model, "set_activation_checkpointing", None)):
             out.update(not_available="model has no set_activation_checkpointing")
             return
@@ -434,6 +445,177 @@ def section_train(s: dict, out: Partial, variant: str) -> None:
             res["step_growth_mb_error"] = repr(e)
     res["loss_finite"] = bool(torch.isfinite(loss).item())
     out.update(**res)
+
+
+# ---------------------------------------------------------------- the trainer's iteration
+
+TRAIN_STEP_VARIANTS = [  # (row name, bf16 nets, CUDA graph)
+    ("eager fp32", False, False),
+    ("graphed fp32", False, True),
+    ("eager bf16 nets", True, False),
+    ("graphed bf16 nets", True, True),
+]
+
+
+def _bf16_nets(model) -> None:
+    """bf16 autocast of the conditioning and context networks (the model's own option
+    where it has one, else model_step.py's wrapper)."""
+    if callable(getattr(model, "set_precision", None)):
+        model.set_precision("bf16-nets")
+    else:
+        _model_step()._wrap_nets(model, "fused+bf16")
+
+
+def _trainer_iteration(s: dict, model, x, graphed: bool):
+    """The trainer's whole iteration (vflow.step.TrainStep: forward, backward, clipping,
+    fused Adam, EMA, metrics) on ``model``, replayed as a CUDA graph if ``graphed``; returns
+    ``(call, history)``."""
+    import torch
+
+    from vflow.recipe import get_recipe
+    from vflow.step import EMA, GraphedStep, StepHistory, TrainStep
+    from vflow.train import _ElboObjective
+
+    recipe = get_recipe(s["config"])
+    history = StepHistory(1024, torch.device(s["device"]))
+    dims = math.prod(x.shape[1:])
+    ema = EMA(model, recipe["ema_decay"])
+    step = TrainStep(_ElboObjective(model), model, ema, recipe, dims, history, capturable=graphed)
+    return (GraphedStep(step) if graphed else step), history
+
+
+def _time_iterations(call, history, x, n: int, device) -> tuple[float, list]:
+    """Seconds per iteration over ``n`` back-to-back iterations (one sync at the end: the
+    host runs ahead, as in training), and the ``(loss, grad_norm, ok)`` rows of all the
+    iterations since the history was last read."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        call(x)
+    _sync(device)
+    return (time.perf_counter() - t0) / n, history.read()
+
+
+def section_train_step(s: dict, out: Partial) -> None:
+    """The trainer's iteration of ``config`` at ``batch``: eager and CUDA-graphed, float32
+    and bf16 nets. The first four calls are the graph's three eager warm-ups and its
+    capture; a graph row's ms is then one replay."""
+    import torch
+
+    device = torch.device(s["device"])
+    rows = []
+    out.update(config=s["config"], batch=s["batch"], rows=rows)
+    for name, bf16, graphed in TRAIN_STEP_VARIANTS:
+        if graphed and device.type != "cuda":
+            rows.append(dict(variant=name, status="not available", reason="needs CUDA"))
+            out.flush()
+            continue
+        model, x, backend = _build(s)
+        if bf16:
+            _bf16_nets(model)
+        call, history = _trainer_iteration(s, model, x, graphed)
+        _reset_peak(device)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            call(x)
+        _sync(device)
+        first = time.perf_counter() - t0
+        seconds, metrics = _time_iterations(call, history, x, 2 * s["repeats"], device)
+        rows.append(
+            dict(
+                variant=name,
+                status="ok",
+                backend=backend,
+                first_four_s=first,
+                step_ms=1e3 * seconds,
+                images_per_s=x.shape[0] / seconds,
+                loss_bpd=metrics[-1][0],
+                skipped=sum(not ok for _, _, ok in metrics),
+                **_memory(device),
+            )
+        )
+        out.flush()
+        del model, call, history
+        _reset_peak(device)
+    eager = {r["variant"]: r.get("step_ms") for r in rows}
+    for r in rows:
+        base = eager.get(r["variant"].replace("graphed", "eager"))
+        if r["variant"].startswith("graphed") and r.get("step_ms") and base:
+            r["speedup_vs_eager"] = base / r["step_ms"]
+    out.flush()
+
+
+def section_profile(s: dict, out: Partial) -> None:
+    """torch.profiler of one eager and (on CUDA) one graphed iteration: wall time, the
+    device's busy fraction (kernel time / wall time), kernel launches and the top kernels
+    (on the CPU: the top ops by self CPU time)."""
+    import torch
+
+    device = torch.device(s["device"])
+    results = []
+    out.update(config=s["config"], batch=s["batch"], iterations=results)
+    for graphed in (False, True) if device.type == "cuda" else (False,):
+        model, x, _ = _build(s)
+        call, history = _trainer_iteration(s, model, x, graphed)
+        for _ in range(4):
+            call(x)
+        _sync(device)
+        results.append(dict(graphed=graphed, **_profile_one(call, x, device)))
+        history.read()
+        out.flush()
+        del model, call, history
+        _reset_peak(device)
+
+
+def _profile_one(call, x, device) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        call(x)
+        _sync(device)
+        wall = time.perf_counter() - t0
+    return dict(wall_ms=1e3 * wall, **_profile_summary(prof, wall, device))
+
+
+def _profile_summary(prof, wall: float, device) -> dict:
+    """Kernel count, busy fraction and top-10 of a profile (CPU: ops and self CPU time)."""
+    events = prof.events()
+    if device.type == "cuda":
+        kernels = [e for e in events if getattr(e.device_type, "name", "") == "CUDA"]
+        busy = sum(e.time_range.elapsed_us() for e in kernels) * 1e-6
+        launches = sum(
+            1
+            for e in events
+            if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")
+        )
+        graph_launches = sum(1 for e in events if e.name == "cudaGraphLaunch")
+        top = sorted(
+            prof.key_averages(),
+            key=lambda a: getattr(a, "self_device_time_total", 0),
+            reverse=True,
+        )[:10]
+        return dict(
+            kernels=len(kernels),
+            kernel_launch_calls=launches,
+            graph_launch_calls=graph_launches,
+            device_busy_fraction=busy / wall if wall > 0 else None,
+            top=[
+                dict(
+                    name=a.key[:80], ms=getattr(a, "self_device_time_total", 0) / 1e3, calls=a.count
+                )
+                for a in top
+            ],
+        )
+    ops = [e for e in events if e.name.startswith("aten::")]
+    top = sorted(prof.key_averages(), key=lambda a: a.self_cpu_time_total, reverse=True)[:10]
+    return dict(
+        aten_ops=len(ops),
+        top=[dict(name=a.key[:80], ms=a.self_cpu_time_total / 1e3, calls=a.count) for a in top],
+    )
 
 
 def section_sample(s: dict, out: Partial) -> None:
@@ -543,6 +725,10 @@ def run_child(args) -> int:
             section_environment(s, out)
         elif name == "tests":
             section_tests(s, out)
+        elif name == "train_step":
+            section_train_step(s, out)
+        elif name == "profile":
+            section_profile(s, out)
         elif name in TRAIN_VARIANTS:
             section_train(s, out, TRAIN_VARIANTS[name])
         elif name == "sample":
@@ -668,6 +854,49 @@ def _g(v) -> str:
     return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
+def _train_step_markdown(secs: dict, m: dict) -> list[str]:
+    rows = secs.get("train_step", {}).get("result", {}).get("rows")
+    if not rows:
+        return []
+    lines = [
+        f"## The trainer's iteration ({m['config']}, batch {m['batch']}: forward, backward, "
+        "fused Adam, EMA)",
+        "",
+        "| variant | status | ms / iteration | images/s | x eager | first 4 calls s | peak MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['status']} | {_f(r.get('step_ms'))} | "
+            f"{_f(r.get('images_per_s'))} | {_f(r.get('speedup_vs_eager'), '.2f')} | "
+            f"{_f(r.get('first_four_s'), '.2f')} | "
+            f"{_f(r.get('peak_mb', r.get('peak_rss_mb')), '.0f')} |"
+        )
+    return lines + [""]
+
+
+def _profile_markdown(secs: dict) -> list[str]:
+    iterations = secs.get("profile", {}).get("result", {}).get("iterations")
+    if not iterations:
+        return []
+    lines = ["## Profile of one iteration", ""]
+    for it in iterations:
+        what = "graphed" if it["graphed"] else "eager"
+        counts = (
+            f"{it.get('kernels')} kernels, {it.get('kernel_launch_calls')} kernel launch calls, "
+            f"{it.get('graph_launch_calls')} graph launches, GPU busy "
+            f"{_f(100 * (it.get('device_busy_fraction') or 0), '.0f')}% of the wall time"
+            if "kernels" in it
+            else f"{it.get('aten_ops')} aten ops"
+        )
+        lines += [f"**{what}**: {_f(it.get('wall_ms'))} ms wall; {counts}. Top:", ""]
+        lines += [
+            f"- {t['name']}: {_f(t['ms'], '.2f')} ms in {t['calls']} calls" for t in it["top"]
+        ]
+        lines.append("")
+    return lines
+
+
 def markdown(report: dict) -> str:
     m, secs = report["meta"], report["sections"]
     env = secs.get("environment", {}).get("result", {})
@@ -717,6 +946,7 @@ def markdown(report: dict) -> str:
         ]
         if t.get("failures"):
             lines += ["```", *t["failures"], "```", ""]
+    lines += _train_step_markdown(secs, m) + _profile_markdown(secs)
     rows = [(n, secs[n]) for n in TRAIN_VARIANTS if n in secs]
     if rows:
         mem_col = "peak MiB" if m["device"].startswith("cuda") else "peak RSS MiB"

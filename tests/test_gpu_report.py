@@ -15,11 +15,12 @@ SCRIPT = ROOT / "benchmarks" / "gpu_report.py"
 SECTIONS = [
     "environment",
     "tests",
+    "train_step",
+    "profile",
+    "coupling",
     "train_plain",
-    "train_bf16",
     "train_checkpointing",
     "sample",
-    "coupling",
 ]
 
 
@@ -60,7 +61,17 @@ def test_dry_run_writes_every_section(tmp_path):
     assert tests["passed"] >= 2 and tests["failed"] == 0 and tests["errors"] == 0
     assert "--device cpu" in tests["command"]
 
-    for name in ("train_plain", "train_bf16", "train_checkpointing"):
+    rows = {r["variant"]: r for r in secs["train_step"]["result"]["rows"]}
+    assert list(rows) == ["eager fp32", "graphed fp32", "eager bf16 nets", "graphed bf16 nets"]
+    for name in ("eager fp32", "eager bf16 nets"):
+        r = rows[name]
+        assert r["status"] == "ok" and _finite_positive(r["step_ms"]), r
+        assert 0 < r["loss_bpd"] < 20 and r["skipped"] == 0
+    assert rows["graphed fp32"]["status"] == "not available"  # CUDA graphs need CUDA
+    (it,) = secs["profile"]["result"]["iterations"]
+    assert not it["graphed"] and it["aten_ops"] > 100 and len(it["top"]) == 10
+    assert "## The trainer's iteration" in md and "## Profile of one iteration" in md
+    for name in ("train_plain", "train_checkpointing"):
         r = secs[name]["result"]
         if secs[name]["status"] == "not available":
             continue
