@@ -472,6 +472,12 @@ def check_cuda_graphs(args: TrainArgs, device: torch.device, info: DistInfo) -> 
         )
     if info.enabled:
         raise ValueError("--cuda-graphs is not supported under torchrun (DDP) yet")
+    if args.activation_checkpointing:
+        raise ValueError(
+            "--cuda-graphs cannot be combined with --activation-checkpointing: checkpointing "
+            "saves and restores the CUDA RNG state in every step, which a graph capture "
+            "cannot do"
+        )
 
 
 # ----------------------------------------------------------------------------- metrics
