@@ -370,3 +370,30 @@ def test_no_final_eval_is_kept_on_resume_and_still_writes_the_images(tmp_path):
         build_fn=tiny_build,
     )
     assert res.final is not None
+
+
+def test_vflow_load_reads_a_run_or_a_checkpoint(tmp_path):
+    import vflow
+
+    args = _args(tmp_path, steps=2, batch_size=8, ckpt_every=1, keep=5, config="flowpp-digits")
+    T.train(args)
+    run = str(tmp_path / "run")
+    model = vflow.load(run)
+    assert not model.training and next(model.parameters()).device.type == "cpu"
+    same = vflow.load(os.path.join(run, "ckpt-00000002.pt"), device="auto")
+    older = vflow.load(os.path.join(run, "ckpt-00000001.pt"))
+    raw = vflow.load(run, ema=False)
+    x = load_dataset("digits", "test").images[:4].long()
+    with torch.no_grad():
+        for m in (model, same, older, raw):
+            m.to("cpu")
+        torch.manual_seed(0)
+        bpd = model.bpd(x)
+        torch.manual_seed(0)
+        assert torch.equal(same.bpd(x), bpd)
+        torch.manual_seed(0)
+        assert not torch.equal(older.bpd(x), bpd)
+        torch.manual_seed(0)
+        assert not torch.equal(raw.bpd(x), bpd)  # EMA weights are not the raw weights
+    with pytest.raises(FileNotFoundError, match="no run directory or checkpoint file at"):
+        vflow.load(str(tmp_path / "nope"))

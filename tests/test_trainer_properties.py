@@ -346,7 +346,7 @@ def test_sample_grid_of_3_channel_images_keeps_the_colours(tmp_path, channel):
 
 
 def test_load_run_model_names_the_missing_directory_or_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run directory not found"):
+    with pytest.raises(FileNotFoundError, match="no run directory or checkpoint file at"):
         T.load_run_model(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):

@@ -243,19 +243,25 @@ def default_build(spec: dict) -> nn.Module:
 
 
 def load_run_model(
-    run_dir: str,
-    device="cpu",
+    path: str,
+    device: str | torch.device = "cpu",
     use_ema: bool = True,
     backend: str | None = None,
     build_fn: Callable[[dict], nn.Module] = default_build,
-):
-    """The model of a run's newest readable checkpoint (EMA weights by default) and the
-    checkpoint; a newer checkpoint that cannot be read is passed over with a warning."""
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"run directory not found: {run_dir}")
-    path, ck, passed_over = newest_loadable_checkpoint(run_dir)
-    for _bad, reason in passed_over:
-        print(f"warning: {reason}; using {path}", file=sys.stderr, flush=True)
+) -> tuple[nn.Module, dict]:
+    """The model of a run and its checkpoint: ``path`` is a run directory (its newest
+    readable checkpoint; a newer one that cannot be read is passed over with a warning on
+    stderr) or a checkpoint file. EMA weights unless ``use_ema=False``; built with the
+    checkpoint's backend unless ``backend`` is given; on ``device`` ("auto": CUDA when
+    available), in eval mode. FileNotFoundError for a path that is neither."""
+    if os.path.isdir(path):
+        found, ck, passed_over = newest_loadable_checkpoint(path)
+        for _bad, reason in passed_over:
+            print(f"warning: {reason}; using {found}", file=sys.stderr, flush=True)
+    elif os.path.isfile(path):
+        ck = load_checkpoint(path)
+    else:
+        raise FileNotFoundError(f"no run directory or checkpoint file at {path}")
     spec = dict(ck["model_spec"])
     if backend is not None:
         spec["backend"] = backend
@@ -264,7 +270,7 @@ def load_run_model(
     if use_ema and ck.get("ema") is not None:
         ema_state = {**ck["ema"]["buffers"], **ck["ema"]["params"]}
         model.load_state_dict(ema_state, strict=False)
-    model.to(device).eval()
+    model.to(resolve_device(str(device))).eval()
     return model, ck
 
 
