@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from test_train import TinyModel, _free_port, tiny_build
+from test_train import _args as train_args
 
 import vflow.step
 from vflow import train as T
@@ -34,24 +35,9 @@ STEPS = 12
 
 
 def _args(tmp_path, name="run", **kw):
-    base = dict(
-        config="vflow-digits",
-        out=str(tmp_path / name),
-        steps=STEPS,
-        batch_size=16,
-        lr=1e-2,
-        warmup=3,
-        log_every=4,
-        eval_every=0,
-        ckpt_every=0,
-        final_eval=False,
-        n_samples=0,
-        progress=False,
-        seed=3,
-        ema_decay=0.9,
-    )
-    base.update(kw)
-    return T.TrainArgs(**base)
+    """tests/test_train.py's arguments (12 steps of the tiny model) with a logging window of
+    4 steps, so that stops fall inside and at the end of windows."""
+    return train_args(tmp_path, name, **{"log_every": 4, **kw})
 
 
 def _signal_self(signum):
