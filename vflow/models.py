@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import operator
 import warnings
@@ -63,6 +64,7 @@ from vflow.nets import ContextNet, ConvDataInit, CouplingNet, GatedAttention
 __all__ = [
     "Step",
     "ModelConfig",
+    "CONFIG_FIELD_RULES",
     "FlowPlusPlus",
     "VFlow",
     "CONFIGS",
@@ -134,9 +136,53 @@ def f_affine(blocks, filters):
 SQUEEZE = Step("squeeze")
 
 
+def _is_int(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_steps(value) -> bool:
+    return isinstance(value, (tuple, list)) and all(isinstance(s, Step) for s in value)
+
+
+#: What each ModelConfig field must be: (description for the error, check).
+CONFIG_FIELD_RULES = {
+    "name": ("a non-empty string", lambda v: isinstance(v, str) and bool(v)),
+    "kind": ("'flowpp' or 'vflow'", lambda v: isinstance(v, str) and v in ("flowpp", "vflow")),
+    "data_shape": (
+        "a (C, H, W) tuple of 3 positive ints",
+        lambda v: isinstance(v, (tuple, list)) and len(v) == 3 and all(_is_int(d, 1) for d in v),
+    ),
+    "n_bins": ("an int >= 2", lambda v: _is_int(v, 2)),
+    "p": ("a tuple of Step", _is_steps),
+    "r": ("a tuple of Step", _is_steps),
+    "q": ("a tuple of Step", _is_steps),
+    "extra_channels": ("an int >= 0", lambda v: _is_int(v, 0)),
+    "smooth": ("True or False", lambda v: isinstance(v, bool)),
+    "pattern": (
+        "'stripe' or 'checkerboard'",
+        lambda v: isinstance(v, str) and v in ("stripe", "checkerboard"),
+    ),
+    "heads": ("an int >= 1", lambda v: _is_int(v, 1)),
+    "context_filters": ("an int >= 1", lambda v: _is_int(v, 1)),
+    "context_blocks": ("an int >= 0", lambda v: _is_int(v, 0)),
+    "dropout": (
+        "a float in [0, 1)",
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+    ),
+    "paper_params": ("an int >= 1 or None", lambda v: v is None or _is_int(v, 1)),
+    "notes": ("a string", lambda v: isinstance(v, str)),
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to build a model. ``kind`` is "flowpp" or "vflow"."""
+    """Everything needed to build a model. ``kind`` is "flowpp" or "vflow".
+
+    Every field is checked on construction (``CONFIG_FIELD_RULES``): a bad value raises a
+    ValueError naming the field, what it must be and the value given (e.g. "dropout must be
+    a float in [0, 1), got 'abc'"). ``with_overrides`` is the one way to change fields, used
+    by ``build`` and ``vflow train --set``.
+    """
 
     name: str
     kind: str
@@ -154,6 +200,38 @@ class ModelConfig:
     dropout: float = 0.0
     paper_params: int | None = None
     notes: str = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected, check = CONFIG_FIELD_RULES[f.name]
+            if not check(value):
+                raise ValueError(f"{f.name} must be {expected}, got {value!r}")
+        # canonical types (a JSON round trip or --set may give lists and ints)
+        for key in ("data_shape", "p", "r", "q"):
+            object.__setattr__(self, key, tuple(getattr(self, key)))
+        object.__setattr__(self, "dropout", float(self.dropout))
+
+    def with_overrides(self, **overrides) -> ModelConfig:
+        """A copy with ``overrides`` replacing fields, validated. An unknown field raises a
+        ValueError listing the valid ones (with the closest match first, if any)."""
+        names = [f.name for f in dataclasses.fields(self)]
+        step_fields = [f.name for f in dataclasses.fields(Step)]
+        for key in overrides:
+            if key in names:
+                continue
+            close = difflib.get_close_matches(key, names + step_fields, n=1)
+            if close and close[0] in step_fields:
+                hint = (
+                    f" ({close[0]!r} is set per flow step, in the fields p, q and r; "
+                    "'vflow info CONFIG' lists the steps)"
+                )
+            else:
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"unknown config field {key!r}{hint}; valid fields: {', '.join(names)}"
+            )
+        return dataclasses.replace(self, **overrides)
 
     @property
     def dims(self) -> int:
@@ -855,10 +933,11 @@ CONFIGS: dict[str, ModelConfig] = {
 
 
 def build(name: str, backend: str = "auto", **overrides) -> FlowPlusPlus:
-    """Build the named configuration (see ``CONFIGS``); ``overrides`` replace config fields."""
+    """Build the named configuration (see ``CONFIGS``); ``overrides`` replace config fields
+    (``ModelConfig.with_overrides``: ValueError for an unknown field or a bad value)."""
     if name not in CONFIGS:
         raise KeyError(f"unknown config {name!r}; available: {', '.join(CONFIGS)}")
-    cfg = dataclasses.replace(CONFIGS[name], **overrides) if overrides else CONFIGS[name]
+    cfg = CONFIGS[name].with_overrides(**overrides)
     cls = VFlow if cfg.kind == "vflow" else FlowPlusPlus
     return cls(cfg, backend=backend)
 
