@@ -692,7 +692,9 @@ def test_a_loaded_initialised_state_counts_as_initialised(name):
     # the buffers copied in place, as DDP's broadcast does: read from the flags themselves
     copied = _build(name).eval()
     with torch.no_grad():
-        for dst, src in zip(copied.state_dict().values(), source.state_dict().values()):
+        for dst, src in zip(
+            copied.state_dict().values(), source.state_dict().values(), strict=True
+        ):
             dst.copy_(src)
     torch.testing.assert_close(copied.elbo(x[:4], **noise), source.elbo(x[:4], **noise))
     # the state of an uninitialised model does not count
