@@ -569,8 +569,9 @@ class FlowPlusPlus(nn.Module):
         Init batch size: ``RECOMMENDED_INIT_BATCH`` (128) images give the start the recipes
         were tuned on. Fewer than ``flows.SMALL_INIT_BATCH`` (32) warn, and their per-element
         ActNorm variances are pooled toward per-channel ones (``flows.small_batch_variance``):
-        on the digits configs 2 images then start within 2 test bits/dim of 128 (35 bits/dim
-        without the pooling); 32 or more images initialise exactly as before.
+        on the digits configs 2 images then start within 1.85 test bits/dim of 128 (worst of
+        10 image pairs; 35 bits/dim without the pooling); 32 or more images initialise
+        exactly as before.
 
         Until it is initialised (here or by loading an initialised state_dict), the model
         refuses ``elbo`` / ``bpd`` outside a training forward, ``log_prob`` and ``sample``.
