@@ -168,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_parse_override,
         default=[],
         metavar="KEY=VALUE",
-        help="override a model config field, e.g. --set dropout=0.2 (repeatable; "
-        "VALUE is a Python literal, else a string; 'vflow info CONFIG' shows the fields)",
+        help="override a field of the model config (vflow.models.ModelConfig: dropout, "
+        "context_filters, heads, ...; a wrong name lists them), e.g. --set dropout=0.2; "
+        "repeatable; VALUE is a Python literal, else a string",
     )
     t.add_argument(
         "--log-every",

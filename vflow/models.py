@@ -340,7 +340,7 @@ def _require_initialized(model: nn.Module, method: str, batch: int | None = None
     counts as initialised.
     """
     if all(m.is_initialized() for m in model.modules() if isinstance(m, ActNorm)):
-        return  # ~1 ms on vflow-cifar10's 1,249 modules, ~30 us on the digits configs
+        return  # the walk: ~1 ms on vflow-cifar10's 1,249 modules; 0.2% of a digits CPU step
     name = model.config.name
     if model.training and torch.is_grad_enabled():
         warnings.warn(
