@@ -35,6 +35,17 @@ setup(
     packages=["vflow", "vflow.kernels"],
     package_dir={"vflow": "vflow", "vflow.kernels": "kernels"},
     python_requires=">=3.10",
+    # What `vflow train` with no options imports (tests/test_packaging.py checks the imports of
+    # vflow/ against this list). Ranges that requirements.txt's pins satisfy; developed and
+    # tested on those pins. triton (the GPU kernels) comes with CUDA builds of torch and is
+    # optional: without it vflow runs the C++ / reference backends.
+    install_requires=[
+        "torch>=2.5",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "scikit-learn>=1.2",
+    ],
     # Optional integrations: vflow.transforms' zuko / pyro adapters import them only when used.
     extras_require={"zuko": ["zuko>=1.6"], "pyro": ["pyro-ppl>=1.9"]},
     ext_modules=ext_modules,

@@ -133,7 +133,7 @@ def test_cli_errors(tmp_path, capsys):
     assert "positive integer" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--run", str(tmp_path / "missing")])
-    assert "run directory not found" in capsys.readouterr().err
+    assert "no run directory or checkpoint file there" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["sample", "--run", str(tmp_path / "empty")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
@@ -244,3 +244,148 @@ def test_train_activation_checkpointing_flag(tmp_path):
     argv = ["train", *TINY, "--out", run, "--steps", "1", "--eval-every", "0", "--no-final-eval"]
     assert main([*argv, "--activation-checkpointing"]) == 0
     assert _ckpt(run)["args"]["activation_checkpointing"] is True
+
+
+# --- issue 29: help, version, --set mistakes, eval --out, sample --run-dir -------------------
+
+
+def _subparsers(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    raise AssertionError("no subcommands")
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    from vflow.cli import build_parser
+
+    parser = build_parser()
+    commands = _subparsers(parser).choices
+    assert set(commands) == {"train", "eval", "sample", "info"}
+    missing = []
+    for name, sub in [("vflow", parser), *commands.items()]:
+        for action in sub._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            if not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, f"options without help: {missing}"
+
+
+def test_help_lists_every_command_with_one_line_and_version(capsys):
+    from vflow import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("train", "eval", "sample", "info"):
+        line = next(x for x in out.splitlines() if x.strip().startswith(command + " "))
+        assert len(line.split()) > 2, line  # the command and its help text
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"vflow {__version__}"
+
+
+def test_no_final_eval_help_says_what_it_skips():
+    from vflow.cli import build_parser
+
+    train = _subparsers(build_parser()).choices["train"]
+    (action,) = [a for a in train._actions if "--no-final-eval" in a.option_strings]
+    assert "only the final test evaluation" in action.help
+    assert "samples.png" in action.help and "loss.png" in action.help
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ("filtrs=8", "unknown config field 'filtrs'"),
+        ("dropot=0.1", "unknown config field 'dropot' (did you mean 'dropout'?)"),
+        ("dropout=abc", "dropout must be a float in [0, 1), got 'abc'"),
+        ("n_bins=2.5", "n_bins must be an int >= 2, got 2.5"),
+        ("smooth=yes", "smooth must be True or False, got 'yes'"),
+    ],
+)
+def test_set_mistakes_are_one_line_errors(tmp_path, capsys, setting, message):
+    """Before: TypeError / "'>' not supported between 'str' and 'int'" tracebacks."""
+    out = tmp_path / "run"
+    rc = main(["train", *TINY, "--out", str(out), "--steps", "1", "--set", setting])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("vflow train: error: ") and err.count("\n") == 1
+    assert message in err
+    if "unknown" in message:
+        assert "valid fields: name, kind, data_shape, n_bins" in err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_build_overrides_are_checked_in_the_same_place():
+    import vflow
+
+    with pytest.raises(ValueError, match=r"unknown config field 'filters'.*p, q and r"):
+        vflow.build("vflow-digits", filters=3)
+    with pytest.raises(ValueError, match=r"dropout must be a float in \[0, 1\), got 'abc'"):
+        vflow.build("vflow-digits", dropout="abc")
+    with pytest.raises(ValueError, match=r"data_shape must be a \(C, H, W\) tuple"):
+        vflow.build("vflow-digits", data_shape=(8, 8))
+    model = vflow.build("vflow-digits", dropout=0, data_shape=[1, 4, 4])  # JSON-style values
+    assert model.config.dropout == 0.0 and model.config.data_shape == (1, 4, 4)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("cli") / "run")
+    argv = ["train", *TINY, "--out", run, "--steps", "2", "--eval-every", "0"]
+    assert main([*argv, "--no-final-eval", "--n-samples", "0"]) == 0
+    return run
+
+
+def _refuse_writes_under(monkeypatch, folder):
+    """Make ``folder`` behave as read-only for writes through open() (the tests run as root,
+    for whom chmod does not stop writes)."""
+    import builtins
+
+    real_open = builtins.open
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        path = os.path.abspath(os.fspath(file)) if isinstance(file, (str, os.PathLike)) else ""
+        if path.startswith(os.path.abspath(folder) + os.sep) and any(c in mode for c in "wax+"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+
+
+def test_eval_on_a_read_only_run_keeps_the_result(small_run, tmp_path, capsys, monkeypatch):
+    """Before: the result was printed, then a PermissionError traceback, and no --out."""
+    _refuse_writes_under(monkeypatch, small_run)
+    argv = ["eval", "--run", small_run, "--samples", "2", "--max-images", "4"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "test bits/dim (4 images)" in captured.out
+    (note,) = [x for x in captured.err.splitlines() if x.startswith("vflow eval")]  # one line
+    assert "could not write" in note and "eval-test-S2.json" in note
+    assert "Permission denied" in note and "--out FILE.json" in note
+    target = tmp_path / "result.json"
+    assert main([*argv, "--out", str(target)]) == 0
+    assert json.loads(target.read_text())["n"] == 4
+    assert f"wrote {target}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a missing folder fails before the evaluation
+        main([*argv, "--out", str(tmp_path / "nowhere" / "r.json")])
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_sample_takes_run_dir_like_eval_and_reports_unwritable_output(
+    small_run, tmp_path, capsys, monkeypatch
+):
+    png = tmp_path / "grid.png"
+    assert main(["sample", "--run-dir", small_run, "--n", "4", "--out", str(png)]) == 0
+    assert png.stat().st_size > 500
+    _refuse_writes_under(monkeypatch, small_run)
+    assert main(["sample", "--run-dir", small_run, "--n", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vflow sample: error: could not write") and err.count("\n") == 1
+    assert "--out FILE.png" in err

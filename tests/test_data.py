@@ -77,6 +77,77 @@ def test_cifar10_bad_files_name_the_file(tmp_path, problem):
     assert "data_batch_3" in msg and "data_batch_1 .. data_batch_5" in msg and "test_batch" in msg
 
 
+class _RunsOnLoad:
+    """Unpickling this calls ``func(*args)``: the classic malicious pickle."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+@pytest.mark.parametrize(
+    "payload,refused",
+    [
+        ("os.system", "posix.system"),
+        ("builtins.exec", "builtins.exec"),
+        ("in_a_list", "posix.system"),
+        ("in_an_object_array", "posix.system"),
+    ],
+)
+def test_cifar10_malicious_pickle_is_refused_and_never_runs(tmp_path, payload, refused):
+    """Before (pickle.load): the file's code ran (here: it created a file) when the data set
+    was loaded."""
+    _write_cifar(tmp_path)
+    marker = tmp_path / "pwned"
+    touch = _RunsOnLoad(os.system, f"touch {marker}")
+    if payload == "builtins.exec":
+        touch = _RunsOnLoad(exec, f"open({str(marker)!r}, 'w').close()")
+    batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}
+    if payload == "in_a_list":
+        batch[b"labels"] = [0, touch]
+    elif payload == "in_an_object_array":
+        batch[b"data"] = np.array([touch, None], dtype=object)
+    else:
+        batch[b"batch_label"] = touch
+    with open(tmp_path / "data_batch_2", "wb") as f:
+        pickle.dump(batch, f)
+    with pytest.raises(D.DataError) as err:
+        D.load_dataset("cifar10", "train", str(tmp_path))
+    msg = str(err.value)
+    assert "data_batch_2" in msg and refused in msg and "refused" in msg
+    assert not marker.exists()
+
+
+def _python2_style(data: bytes) -> bytes:
+    """A protocol-2 pickle as the original CIFAR-10 files have it: numpy 1's module name."""
+    new = data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+    assert new != data
+    return new
+
+
+@pytest.mark.parametrize("protocol", [0, 2, "python2", 4, 5])
+def test_cifar10_genuine_batches_load_with_every_pickle_protocol(tmp_path, protocol):
+    rng = np.random.RandomState(1)
+    arrays = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        arrays[name] = rng.randint(0, 256, size=(3, 3072), dtype=np.uint8)
+        batch = {
+            b"batch_label": b"training batch 1 of 5",
+            b"labels": [6, 9, 9],
+            b"data": arrays[name],
+            b"filenames": [b"a.png", b"b.png", b"c.png"],
+        }
+        data = pickle.dumps(batch, protocol=2 if protocol == "python2" else protocol)
+        (tmp_path / name).write_bytes(_python2_style(data) if protocol == "python2" else data)
+    train = D.load_dataset("cifar10", "train", str(tmp_path))
+    expected = np.concatenate([arrays[f"data_batch_{i}"] for i in range(1, 6)])
+    assert torch.equal(train.images.flatten(1), torch.from_numpy(expected))
+    test = D.load_dataset("cifar10", "test", str(tmp_path))
+    assert torch.equal(test.images.flatten(1), torch.from_numpy(arrays["test_batch"]))
+
+
 def test_cifar10_missing_directory(tmp_path):
     with pytest.raises(D.DataError, match="directory not found"):
         D.load_dataset("cifar10", "train", str(tmp_path / "nope"))

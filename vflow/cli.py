@@ -1,9 +1,10 @@
 """The ``vflow`` command line (also ``python -m vflow``).
 
     vflow train [--config NAME] [--data ...] [--out RUNDIR] [--steps N | --epochs N] ...
-    vflow eval --run RUNDIR [--samples S] [--split test] [--batch-size B]
+    vflow eval --run RUNDIR [--samples S] [--split test] [--batch-size B] [--out FILE.json]
     vflow sample --run RUNDIR [--n 64] [--temperature T] [--out FILE.png]
     vflow info [CONFIG]
+    vflow --version
 
 ``vflow train`` with no options trains the small "vflow-digits" model on scikit-learn's
 bundled 8x8 digits (17 grey levels, 20% held out with a fixed seed) for a few minutes on a
@@ -13,7 +14,13 @@ metrics.jsonl, loss.png, samples.png and checkpoints into runs/vflow-digits-<tim
 All commands run unchanged under ``torchrun --nproc_per_node N``: ``--batch-size`` is the
 GLOBAL batch (each rank takes batch/N images), and eval splits the images across ranks
 (spell ``--run`` as ``--run-dir`` there: torchrun's parser claims ``--run`` as an
-abbreviation of its own ``--run-path``).
+abbreviation of its own ``--run-path``; both spellings work for eval and sample).
+
+Every option has a help text (tested). Mistakes get one line on stderr and exit status 2,
+no traceback (``VFLOW_DEBUG=1`` shows it): an unknown ``--set`` field lists the valid ones,
+a bad value names the field and the expected type (``vflow.models.CONFIG_FIELD_RULES``, the
+same checks as ``vflow.build``). ``vflow eval`` prints its result before writing the JSON
+file; a run directory it cannot write to costs the file, not the result.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import ast
 import json
 import os
 import sys
+
+from vflow import __version__
 
 EVAL_SAMPLES = {"digits": 64, "cifar10": 4096, "imagenet32": 1024, "imagenet64": 1024}
 
@@ -67,6 +76,19 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+def _run_dir_option(parser: argparse.ArgumentParser) -> None:
+    """``--run`` / ``--run-dir`` (the same option), required."""
+    parser.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        metavar="RUNDIR",
+        help="run directory (its newest readable ckpt-*.pt) or one checkpoint file; under "
+        "torchrun spell it --run-dir (torchrun's own parser takes --run for its --run-path)",
+    )
+
+
 def _init_batch_size(text: str) -> int:
     v = int(text)
     if v < 2:
@@ -83,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'vflow train' with no options for the small digits demo (a few minutes "
         "on a CPU).",
     )
-    sub = p.add_subparsers(dest="command", metavar="{train,eval,sample,info}")
+    p.add_argument(
+        "--version", action="version", version=f"vflow {__version__}", help="print the version"
+    )
+    sub = p.add_subparsers(dest="command", metavar="{train,eval,sample,info}", title="commands")
     sub.required = True
 
     t = sub.add_parser(
@@ -124,13 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="random horizontal flips (default: the recipe's)",
     )
-    t.add_argument("--backend", default="auto", choices=["auto", "reference", "cpp", "triton"])
+    t.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "reference", "cpp", "triton"],
+        help="ops backend of the couplings and attention: auto = triton on CUDA, cpp on CPU "
+        "(default: %(default)s)",
+    )
     t.add_argument(
         "--device",
         default="auto",
         help="auto, cpu, cuda or cuda:N (default: auto = cuda when a GPU is available)",
     )
-    t.add_argument("--seed", type=int, help="random seed of a new run (default: 0)")
+    t.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the initialisation, the batch order and the training noise (default: "
+        "0; a resumed run keeps its own)",
+    )
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument(
         "--set",
@@ -139,9 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=_parse_override,
         default=[],
         metavar="KEY=VALUE",
-        help="override a model config field, e.g. --set dropout=0.2 (repeatable)",
+        help="override a field of the model config (vflow.models.ModelConfig: dropout, "
+        "context_filters, heads, ...; a wrong name lists them), e.g. --set dropout=0.2; "
+        "repeatable; VALUE is a Python literal, else a string",
     )
-    t.add_argument("--log-every", type=_positive_int, default=10)
+    t.add_argument(
+        "--log-every",
+        type=_positive_int,
+        default=10,
+        help="steps between metrics.jsonl records (default: %(default)s)",
+    )
     t.add_argument(
         "--eval-every",
         type=_nonneg_int,
@@ -154,7 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=512,
         help="test images of the periodic evaluation",
     )
-    t.add_argument("--ckpt-every", type=_nonneg_int, default=500)
+    t.add_argument(
+        "--ckpt-every",
+        type=_nonneg_int,
+        default=500,
+        help="steps between checkpoints (0 = only at the end; default: %(default)s)",
+    )
     t.add_argument("--keep", type=_positive_int, default=3, help="checkpoints kept")
     t.add_argument(
         "--iw-samples",
@@ -168,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="evaluate the test ELBO and importance-weighted bits/dim at the end (default: "
-        "on; --no-final-eval skips only that evaluation, samples.png and loss.png are still "
-        "written; a resumed run keeps its setting unless given)",
+        "on). --no-final-eval skips only the final test evaluation: the final checkpoint, "
+        "samples.png and loss.png are still written; a resumed run keeps the setting unless "
+        "given",
     )
     t.add_argument("--n-samples", type=_nonneg_int, default=64, help="images per sample grid")
     t.add_argument(
@@ -218,24 +267,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="capture the whole training iteration (forward, backward, Adam, EMA) once and "
         "replay it as a CUDA graph (CUDA only; one batch shape)",
     )
-    t.add_argument("--no-progress", dest="progress", action="store_false")
-
-    e = sub.add_parser("eval", help="importance-weighted test bits/dim (Eq. 5) with EMA weights")
-    e.add_argument(
-        "--run",
-        "--run-dir",
-        dest="run",
-        required=True,
-        help="run directory (with ckpt-*.pt); under torchrun spell it --run-dir "
-        "(torchrun's own parser takes --run for its --run-path)",
+    t.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no tqdm progress bar (log lines only)",
     )
+
+    e = sub.add_parser(
+        "eval",
+        help="importance-weighted test bits/dim (Eq. 5) of a run, EMA weights",
+        description="Evaluate a run's newest checkpoint: the ELBO and the importance-weighted "
+        "bits/dim (Eq. 5). Prints the result, then writes it as JSON.",
+    )
+    _run_dir_option(e)
     e.add_argument(
         "--samples",
         type=_positive_int,
         help="importance samples S per image (default: 64 digits, 4096 CIFAR-10, "
         "1024 ImageNet, as in the paper)",
     )
-    e.add_argument("--split", default="test", choices=["test", "train"])
+    e.add_argument(
+        "--split",
+        default="test",
+        choices=["test", "train"],
+        help="data split to evaluate (default: %(default)s)",
+    )
     e.add_argument("--batch-size", type=_positive_int, default=16, help="images per pass")
     e.add_argument(
         "--chunk-size",
@@ -244,34 +301,101 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--max-images", type=_positive_int, help="evaluate only the first N images")
     e.add_argument("--data-dir", help="override the run's data directory")
-    e.add_argument("--backend", choices=["auto", "reference", "cpp", "triton"])
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument(
+        "--backend",
+        choices=["auto", "reference", "cpp", "triton"],
+        help="ops backend (default: the run's)",
+    )
+    e.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda or cuda:N (default: auto = cuda when a GPU is available)",
+    )
+    e.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the importance samples (default: %(default)s)",
+    )
     e.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights")
-    e.add_argument("--threads", type=_positive_int)
+    e.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch CPU threads (default: 1 for digits, else torch's default)",
+    )
+    e.add_argument(
+        "--out",
+        metavar="FILE.json",
+        help="where to write the result (default: RUNDIR/eval-<split>-S<samples>.json; "
+        "if RUNDIR is not writable the result is only printed)",
+    )
 
-    s = sub.add_parser("sample", help="a grid of samples from the EMA weights")
-    s.add_argument("--run", required=True, help="run directory (with ckpt-*.pt)")
-    s.add_argument("--n", type=_positive_int, default=64)
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--out", help="PNG file (default: RUNDIR/samples-T<temperature>.png)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--backend", choices=["auto", "reference", "cpp", "triton"])
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--no-ema", dest="ema", action="store_false")
+    s = sub.add_parser(
+        "sample",
+        help="a grid of samples from a run's EMA weights",
+        description="Draw samples from a run's newest checkpoint and write them as a PNG grid.",
+    )
+    _run_dir_option(s)
+    s.add_argument(
+        "--n", type=_positive_int, default=64, help="number of samples (default: %(default)s)"
+    )
+    s.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="prior temperature T: samples invert N(0, T^2 I) (default: %(default)s)",
+    )
+    s.add_argument(
+        "--out", metavar="FILE.png", help="PNG file (default: RUNDIR/samples-T<temperature>.png)"
+    )
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    s.add_argument(
+        "--backend",
+        choices=["auto", "reference", "cpp", "triton"],
+        help="ops backend (default: the run's)",
+    )
+    s.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda or cuda:N (default: auto = cuda when a GPU is available)",
+    )
+    s.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights")
 
-    i = sub.add_parser("info", help="architecture and parameter counts of a config")
+    i = sub.add_parser(
+        "info",
+        help="architecture and parameter counts of a config",
+        description="Print a config's architecture and parameter counts, or list the configs.",
+    )
     i.add_argument("config", nargs="?", help="config name (omit to list them)")
     return p
 
 
+def _run_directory(parser: argparse.ArgumentParser, path: str) -> str:
+    """The run directory of ``--run``: the path itself, or the folder of a checkpoint file."""
+    if os.path.isdir(path):
+        return path
+    if os.path.isfile(path):
+        return os.path.dirname(os.path.abspath(path))
+    parser.error(f"--run {path}: no run directory or checkpoint file there")
+
+
+def _check_output_dir(parser: argparse.ArgumentParser, path: str | None, option: str) -> None:
+    """Fail before the work, not after it, when ``path``'s folder does not exist."""
+    folder = os.path.dirname(os.path.abspath(path)) if path else None
+    if folder and not os.path.isdir(folder):
+        parser.error(f"{option} {path}: folder {folder} does not exist")
+
+
 def _train(a, parser) -> int:
     from vflow import train as T
+    from vflow.models import CONFIGS
 
     if a.config is not None:
         _check_config(parser, a.config)
     if a.resume and not a.out:
         parser.error("--resume needs --out RUNDIR (the run to continue)")
+    if a.config or not a.resume:  # --set mistakes: one line, now (a resume checks its own)
+        CONFIGS[a.config or T.DEFAULT_CONFIG].with_overrides(**dict(a.overrides))
     out = a.out or T.default_run_dir(a.config)
     args = T.TrainArgs(
         config=a.config,
@@ -341,12 +465,12 @@ def _eval(a, parser) -> int:
     from vflow.data import load_dataset
     from vflow.evaluate import evaluate
 
-    if not os.path.isdir(a.run):
-        parser.error(f"run directory not found: {a.run}")
-    info = T.init_distributed(a.device)
-    finished = False
+    run_dir = _run_directory(parser, a.run)
+    _check_output_dir(parser, a.out, "--out")
+    device = T.resolve_device(a.device)
+    info = T.init_distributed(device)
+    finished, rc = False, 0
     try:
-        device = a.device
         if device.startswith("cuda") and info.enabled:
             device = f"cuda:{info.local_rank}"
         model, ck = T.load_run_model(a.run, device=device, use_ema=a.ema, backend=a.backend)
@@ -379,13 +503,30 @@ def _eval(a, parser) -> int:
                 f"importance-weighted (S={samples}) {res['iw_bpd']:.4f}"
             )
             res.update(step=int(ck["step"]), split=a.split, ema=a.ema)
-            path = os.path.join(a.run, f"eval-{a.split}-S{samples}.json")
-            with open(path, "w") as f:
-                json.dump(res, f, indent=2)
-            print(f"wrote {path}")
+            default = os.path.join(run_dir, f"eval-{a.split}-S{samples}.json")
+            rc = _write_eval_result(res, a.out or default, explicit=a.out is not None)
         finished = True
     finally:
         T.shutdown_distributed(info, finished)
+    return rc
+
+
+def _write_eval_result(res: dict, path: str, explicit: bool) -> int:
+    """Write the (already printed) eval result as JSON; if that fails, say so in one line:
+    exit status 0 when it was the default path in the run directory (the result is on
+    stdout), 1 when the user asked for this file with --out."""
+    try:
+        with open(path, "w") as f:
+            json.dump(res, f, indent=2)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        hint = "" if explicit else "; pass --out FILE.json to save it elsewhere"
+        print(
+            f"vflow eval: could not write {path} ({reason}); the result above was not saved{hint}",
+            file=sys.stderr,
+        )
+        return 1 if explicit else 0
+    print(f"wrote {path}")
     return 0
 
 
@@ -393,20 +534,25 @@ def _sample(a, parser) -> int:
     from vflow import train as T
     from vflow.evaluate import draw_samples, model_cfg, save_grid
 
-    if not os.path.isdir(a.run):
-        parser.error(f"run directory not found: {a.run}")
+    run_dir = _run_directory(parser, a.run)
+    _check_output_dir(parser, a.out, "--out")
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    model, ck = T.load_run_model(a.run, device=a.device, use_ema=a.ema, backend=a.backend)
-    T.set_threads(None, ck["data"], a.device)
-    x = draw_samples(model, a.n, temperature=a.temperature, seed=a.seed, device=a.device)
-    out = a.out or os.path.join(a.run, f"samples-T{a.temperature:g}.png")
-    save_grid(
-        x,
-        int(model_cfg(model, "n_bins")),
-        out,
-        title=f"{ck['model_spec']['name']} step {ck['step']}, T={a.temperature:g}",
-    )
+    device = T.resolve_device(a.device)
+    model, ck = T.load_run_model(a.run, device=device, use_ema=a.ema, backend=a.backend)
+    T.set_threads(None, ck["data"], device)
+    x = draw_samples(model, a.n, temperature=a.temperature, seed=a.seed, device=device)
+    out = a.out or os.path.join(run_dir, f"samples-T{a.temperature:g}.png")
+    title = f"{ck['model_spec']['name']} step {ck['step']}, T={a.temperature:g}"
+    try:
+        save_grid(x, int(model_cfg(model, "n_bins")), out, title=title)
+    except OSError as err:
+        hint = "" if a.out else "; pass --out FILE.png to write it elsewhere"
+        print(
+            f"vflow sample: error: could not write {out} ({err.strerror or err}){hint}",
+            file=sys.stderr,
+        )
+        return 2
     print(f"wrote {out}")
     return 0
 

@@ -9,6 +9,8 @@ the model as ``long`` values in ``[0, n_bins)``.
 * ``cifar10``: the "CIFAR-10 python version" batches in ``--data-dir`` (``data_batch_1`` ..
   ``data_batch_5`` and ``test_batch``; pickled dicts with ``b"data"``: uint8 ``(10000, 3072)``
   in channel-major order and ``b"labels"``). ``n_bins = 256``; optional random horizontal flips.
+  The pickles are read by :class:`CifarUnpickler`, which admits only what such a batch holds
+  (dicts, lists, bytes, str, ints and numpy arrays), so a crafted file cannot run code.
 * ``imagenet32`` / ``imagenet64``: the downsampled-ImageNet ``.npz`` release in ``--data-dir``
   (``train_data_batch_1.npz`` .. ``train_data_batch_10.npz`` and ``val_data.npz``, key
   ``"data"``: uint8 ``(N, 3*H*W)`` channel-major). The "test" split is ``val_data.npz``.
@@ -110,12 +112,66 @@ def load_digits(split: str = "train", test_fraction: float = 0.2, seed: int = 0)
 # ----------------------------------------------------------------------------- cifar10
 
 
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` as Python 3 pickles bytes in protocols 0-2, latin-1 only."""
+    if encoding != "latin1" or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r} is not a bytes literal")
+    return text.encode("latin1")
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle referenced a global that :class:`CifarUnpickler` does not admit."""
+
+    def __init__(self, module: str, name: str):
+        super().__init__(f"{module}.{name}")
+        self.module, self.name = module, name
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickler for the CIFAR-10 python batches: dicts, lists, bytes, str and ints need no
+    globals; numpy arrays need exactly the ones in ``ADMITTED``. Every other global (a
+    function like ``os.system``, any class) raises :class:`RefusedGlobal` before it is
+    imported or called, so nothing in the file can run.
+
+    ``ADMITTED``: ``numpy.ndarray`` and ``numpy.dtype``; the array constructor
+    ``_reconstruct`` under numpy 1's module name (the original files, pickled by Python 2)
+    and numpy 2's; numpy 2's ``_frombuffer`` (protocol 5); and ``_codecs.encode`` restricted
+    to latin-1 (how Python 3 writes bytes in protocols 0-2).
+    """
+
+    ADMITTED = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("numpy.core.multiarray", "_reconstruct"): "multiarray._reconstruct",
+        ("numpy._core.multiarray", "_reconstruct"): "multiarray._reconstruct",
+        ("numpy.core.numeric", "_frombuffer"): "numeric._frombuffer",
+        ("numpy._core.numeric", "_frombuffer"): "numeric._frombuffer",
+        ("_codecs", "encode"): _latin1_encode,
+    }
+
+    def find_class(self, module: str, name: str):
+        target = self.ADMITTED.get((module, name))
+        if target is None:
+            raise RefusedGlobal(module, name)
+        if isinstance(target, str):  # numpy's private helpers, from whichever numpy is here
+            submodule, attr = target.split(".")
+            core = getattr(np, "_core", None) or np.core
+            return getattr(getattr(core, submodule), attr)
+        return target
+
+
 def _read_cifar_batch(path: str) -> np.ndarray:
     if not os.path.isfile(path):
         raise DataError(f"CIFAR-10 file not found: {path}; {CIFAR_LAYOUT}")
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            d = CifarUnpickler(f, encoding="bytes").load()
+    except RefusedGlobal as e:
+        raise DataError(
+            f"CIFAR-10 file {path} is not a plain CIFAR-10 batch: it references the global "
+            f"{e.module}.{e.name}, which is refused (only dicts, lists, bytes, str, ints and "
+            f"numpy arrays are read, so nothing in the file was run); {CIFAR_LAYOUT}"
+        ) from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
         raise DataError(f"cannot read CIFAR-10 file {path}: {e}; {CIFAR_LAYOUT}") from e
     if not isinstance(d, dict):

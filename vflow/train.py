@@ -85,6 +85,7 @@ from .distributed import (
 )
 from .evaluate import draw_samples, evaluate, model_cfg, plot_loss_curve, save_grid
 from .interrupts import StopRequests, TrainingInterrupted
+from .models import RECOMMENDED_INIT_BATCH
 from .recipe import DEFAULT_RECIPE, RECIPES, get_recipe, learning_rate  # noqa: F401
 from .step import EMA, LN2, GraphedStep, StepHistory, TrainStep  # noqa: F401
 
@@ -157,7 +158,7 @@ RECIPE_ARGS = ("lr", "warmup", "batch_size", "ema_decay", "grad_clip", "flip")
 #: Run options a resumed run takes from its checkpoint unless given again.
 INHERITED_OPTIONS = {"final_eval": True}
 
-DEFAULT_INIT_BATCH_SIZE = 128  # official Flow++ CIFAR-10: init_bs = 128 at batch 64
+DEFAULT_INIT_BATCH_SIZE = RECOMMENDED_INIT_BATCH  # official Flow++ CIFAR-10: 128 at batch 64
 _INIT_STREAM = 0x1417  # key of the init-batch generator (distinct from the batch stream's)
 
 
