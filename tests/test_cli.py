@@ -389,3 +389,53 @@ def test_sample_takes_run_dir_like_eval_and_reports_unwritable_output(
     err = capsys.readouterr().err
     assert err.startswith("vflow sample: error: could not write") and err.count("\n") == 1
     assert "--out FILE.png" in err
+
+
+# ----------------------------------------------------------------------------- found by review
+
+
+@pytest.mark.parametrize(
+    "option,value,message",
+    [
+        ("--lr", "-1", "expected a number > 0, got '-1'"),
+        ("--lr", "nan", "expected a finite number, got 'nan'"),
+        ("--lr", "inf", "expected a finite number, got 'inf'"),
+        ("--ema-decay", "1.5", "expected a number in [0, 1), got '1.5'"),
+        ("--ema-decay", "nan", "expected a finite number, got 'nan'"),
+        ("--grad-clip", "-1", "expected a number >= 0, got '-1'"),
+    ],
+)
+def test_recipe_values_are_checked(tmp_path, capsys, option, value, message):
+    """Before: accepted; --lr nan trained to NaN and ended in a matplotlib error."""
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path / "r"), option, value])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_more_one_line_errors(small_run, tmp_path, capsys, monkeypatch):
+    """--set name=..., an --out that is a file or under one, sample --out a folder, and
+    Ctrl-C in eval: one line each, no traceback (before: tracebacks)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["train", *TINY, "--out", str(tmp_path / "n"), "--set", "name=foo"]) == 2
+    assert "'name' cannot be overridden" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(afile)])
+    assert "is a file, not a run directory" in capsys.readouterr().err
+    assert main(["train", *TINY, "--steps", "1", "--out", str(afile / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vflow train: error: ") and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main(["sample", "--run", small_run, "--out", str(tmp_path)])
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    assert main(["sample", "--run", small_run, "--n", "4", "--out", str(tmp_path / "g")]) == 0
+    assert (tmp_path / "g.png").is_file()
+    assert f"wrote {tmp_path / 'g.png'}" in capsys.readouterr().out
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("vflow.evaluate.evaluate", interrupted)
+    assert main(["eval", "--run", small_run, "--samples", "2"]) == 130
+    assert capsys.readouterr().err.strip() == "vflow eval: interrupted"

@@ -151,7 +151,7 @@ def test_cifar10_genuine_batches_load_with_every_pickle_protocol(tmp_path, proto
 def test_cifar10_missing_directory(tmp_path):
     with pytest.raises(D.DataError, match="directory not found"):
         D.load_dataset("cifar10", "train", str(tmp_path / "nope"))
-    with pytest.raises(D.DataError, match="directory not found"):
+    with pytest.raises(D.DataError, match="CIFAR-10 needs its folder: pass --data-dir"):
         D.load_dataset("cifar10", "train", None)
 
 

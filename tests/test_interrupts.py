@@ -156,6 +156,7 @@ def test_sigusr1_writes_a_checkpoint_and_goes_on(tmp_path, uninterrupted):
 
 def test_second_ctrl_c_stops_at_once():
     with StopRequests() as stops:
+        stops.deferring = True  # as in the training loop
         _signal_self(signal.SIGINT)
         assert stops.stop == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
@@ -383,3 +384,150 @@ def test_vflow_load_reads_a_run_or_a_checkpoint(tmp_path):
         assert not torch.equal(raw.bpd(x), bpd)  # EMA weights are not the raw weights
     with pytest.raises(FileNotFoundError, match="no run directory or checkpoint file at"):
         vflow.load(str(tmp_path / "nope"))
+
+
+# ----------------------------------------------------------------------------- found by review
+
+
+def test_adam_moments_take_their_parameters_layout_on_load():
+    """Moments saved from a channels_last run and loaded for contiguous parameters (or the
+    other way round) must update the same weights as plain Adam: fused Adam pairs them
+    element by element in memory (0.15 off after one step before the fix)."""
+    from vflow.step import match_parameter_layouts
+
+    torch.manual_seed(0)
+    w0, g1, g2 = (torch.randn(8, 2, 3, 3, dtype=torch.float64) for _ in range(3))
+
+    def adam(param):
+        return torch.optim.Adam([param], lr=0.1, fused=True)
+
+    for saved_layout, load_layout in [
+        (torch.channels_last, torch.contiguous_format),
+        (torch.contiguous_format, torch.channels_last),
+    ]:
+        ref = torch.nn.Parameter(w0.clone())
+        opt = adam(ref)
+        for g in (g1, g2):
+            ref.grad = g.clone()
+            opt.step()
+        saved = torch.nn.Parameter(w0.clone().to(memory_format=saved_layout))
+        first = adam(saved)
+        saved.grad = g1.clone().to(memory_format=saved_layout)
+        first.step()
+        loaded = torch.nn.Parameter(saved.detach().clone().to(memory_format=load_layout))
+        second = adam(loaded)
+        second.load_state_dict(first.state_dict())
+        match_parameter_layouts(second)
+        loaded.grad = g2.clone().to(memory_format=load_layout)
+        second.step()
+        torch.testing.assert_close(loaded.detach(), ref.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_resume_keeps_the_run_options(tmp_path):
+    """A bare --resume keeps the run's logging, evaluation and checkpoint intervals, kept
+    checkpoints, sample grid and memory layout (they used to fall back to the defaults)."""
+    kw = dict(log_every=3, eval_every=3, ckpt_every=2, keep=10, n_samples=2, eval_images=8)
+    T.train(_args(tmp_path, steps=4, **kw), build_fn=tiny_build)
+    bare = T.TrainArgs(out=str(tmp_path / "run"), resume=True, steps=8, progress=False)
+    T.train(bare, build_fn=tiny_build)
+    run = tmp_path / "run"
+    steps = [int(p.name[5:13]) for p in sorted(run.glob("ckpt-*.pt"))]
+    assert steps == [2, 4, 6, 8]
+    assert (run / "samples-00000006.png").is_file()  # the resumed part's evaluation
+    saved = json.loads((run / "run.json").read_text())["args"]
+    assert {k: saved[k] for k in ("log_every", "eval_every", "ckpt_every", "keep")} == {
+        "log_every": 3,
+        "eval_every": 3,
+        "ckpt_every": 2,
+        "keep": 10,
+    }
+    rows = read_metrics(str(run / "metrics.jsonl"))
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [3, 4, 6, 8]  # 4: end of part 1
+
+
+def test_resume_from_an_older_checkpoint_keeps_one_row_per_step(tmp_path, uninterrupted):
+    """A run killed after its last checkpoint (rows of steps 9-12 written, no checkpoint
+    after 8) resumes from step 8 and logs steps 9-12 once, as the uninterrupted run."""
+    T.train(_args(tmp_path, ckpt_every=8), build_fn=tiny_build)
+    run = tmp_path / "run"
+    os.remove(run / "ckpt-00000012.pt")  # as if killed before the final checkpoint
+    T.train(_args(tmp_path, resume=True), build_fn=tiny_build)
+    assert _train_rows(str(run)) == uninterrupted[1]
+    # a new run into a folder with old metrics and no checkpoint starts a new file
+    for p in run.glob("ckpt-*.pt"):
+        os.remove(p)
+    T.train(_args(tmp_path, steps=4), build_fn=tiny_build)
+    assert [r[0] for r in _train_rows(str(run))] == [4]
+
+
+class SignalDuringFinalEval(TinyModel):
+    """Sends ``signum`` from the final evaluation (its importance-weighted bound)."""
+
+    def __init__(self, signum):
+        super().__init__()
+        self.signum = signum
+
+    def log_prob(self, x, num_samples=16, chunk_size=None):
+        _signal_self(self.signum)
+        return super().log_prob(x, num_samples, chunk_size)
+
+
+def test_signals_outside_the_loop(tmp_path, capsys):
+    """SIGUSR1 while setting up or evaluating is ignored (it used to kill the process);
+    SIGTERM during the final evaluation stops it, after samples.png, loss.png and the final
+    checkpoint were written, and says how to get the numbers."""
+
+    def build_and_signal(spec):
+        _signal_self(signal.SIGUSR1)  # during set-up
+        return SignalDuringFinalEval(signal.SIGUSR1)
+
+    res = T.train(_args(tmp_path, "a", final_eval=True), build_fn=build_and_signal)
+    assert res.final is not None and "SIGUSR1 ignored" in capsys.readouterr().err
+    args = _args(tmp_path, "b", final_eval=True, n_samples=4)
+    with pytest.raises(TrainingInterrupted) as stop:
+        T.train(args, build_fn=lambda spec: SignalDuringFinalEval(signal.SIGTERM))
+    assert stop.value.exit_code == 143 and stop.value.checkpoint is None
+    run = tmp_path / "b"
+    assert (run / "samples.png").is_file() and (run / "loss.png").is_file()
+    assert load_checkpoint(T.latest_checkpoint(str(run)))["step"] == STEPS
+    assert "the final evaluation was interrupted" in capsys.readouterr().out
+
+
+def test_a_failed_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    def interrupted_save(state, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt  # a second Ctrl-C in the middle of the write
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        T.save_checkpoint({"step": 1}, str(tmp_path), 1)
+    assert os.listdir(tmp_path) == []
+
+
+def test_weights_that_do_not_fit_the_model_name_the_checkpoint(tmp_path, capsys):
+    T.train(_args(tmp_path, steps=4, ckpt_every=2), build_fn=tiny_build)
+    run = str(tmp_path / "run")
+    newest = os.path.join(run, "ckpt-00000004.pt")
+    ck = load_checkpoint(newest)
+    del ck["model"]["bias"]
+    torch.save(ck, newest)
+    model, used = T.load_run_model(run, build_fn=tiny_build)  # falls back to step 2
+    assert used["step"] == 2 and "do not fit the model" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="ckpt-00000004.pt: its weights do not fit"):
+        T.load_run_model(newest, build_fn=tiny_build)
+
+
+def test_resume_refuses_a_length_it_has_passed(tmp_path):
+    T.train(_args(tmp_path, steps=4), build_fn=tiny_build)
+    for steps in (3, 4):
+        with pytest.raises(ValueError, match="at step 4 already, and the run is"):
+            T.train(_args(tmp_path, steps=steps, resume=True), build_fn=tiny_build)
+
+
+def test_resume_accepts_overrides_equal_to_the_config(tmp_path):
+    """--set dropout=0.0 on a vflow-digits run (whose dropout is 0.0) is no change."""
+    T.train(_args(tmp_path, steps=1, batch_size=8, n_samples=0))
+    res = T.train(_args(tmp_path, steps=2, batch_size=8, resume=True, overrides={"dropout": 0.0}))
+    assert res.step == 2
+    with pytest.raises(ValueError, match="--set"):
+        T.train(_args(tmp_path, steps=3, batch_size=8, resume=True, overrides={"dropout": 0.1}))

@@ -248,7 +248,7 @@ def test_device_auto_and_bad_devices(monkeypatch):
     assert T.resolve_device("auto") == "cpu"
     with pytest.raises(ValueError, match="CUDA is not available"):
         T.resolve_device("cuda")
-    with pytest.raises(ValueError, match="--device must be auto, cpu, cuda or cuda:N"):
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N"):
         T.resolve_device("gpu")
 
 

@@ -49,11 +49,16 @@ def save_checkpoint(state: dict, run_dir: str, step: int, keep: int = 3) -> str:
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, f"ckpt-{step:08d}.pt")
     tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a second Ctrl-C: leave no partial file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     if keep and keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             try:
@@ -76,11 +81,8 @@ def load_checkpoint(path: str) -> dict:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(err).__name__}: {cause}); the file is "
-            f"truncated, corrupt or not a vflow checkpoint"
-        ) from None
+        reason = _load_failure(path, err)
+        raise CheckpointError(f"checkpoint {path} cannot be read: {reason}") from None
     missing = CHECKPOINT_KEYS - set(ck) if isinstance(ck, dict) else CHECKPOINT_KEYS
     if missing:
         raise CheckpointError(
@@ -89,9 +91,27 @@ def load_checkpoint(path: str) -> dict:
     return ck
 
 
-def newest_loadable_checkpoint(run_dir: str) -> tuple[str, dict, list[tuple[str, str]]]:
-    """The newest checkpoint of ``run_dir`` that loads: ``(path, checkpoint, passed_over)``,
-    ``passed_over`` listing ``(path, reason)`` of the newer files that did not load.
+def _load_failure(path: str, err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed on ``path``, in one clause."""
+    text = str(err)
+    refused = re.search(r"(?i)unsupported GLOBAL:? (?:GLOBAL )?([\w.]+)", text)
+    if refused:
+        return (
+            f"it holds the Python object {refused.group(1)}, which a checkpoint never "
+            f"does (refused, nothing was run)"
+        )
+    if os.path.getsize(path) == 0:
+        return "the file is empty"
+    if "central directory" in text or "zip archive" in text:
+        return "not a complete torch file (truncated or corrupt)"
+    return "not a torch checkpoint file"
+
+
+def newest_loadable_checkpoint(run_dir: str, use=None) -> tuple[str, object, list[tuple[str, str]]]:
+    """The newest checkpoint of ``run_dir`` that loads: ``(path, result, passed_over)``,
+    ``result`` the checkpoint, or ``use(path, checkpoint)`` when given (which may raise
+    CheckpointError to pass over a checkpoint it cannot use too), and ``passed_over`` the
+    ``(path, reason)`` of the newer files that did not load.
 
     FileNotFoundError if the run has no checkpoint; :class:`CheckpointError` (listing every
     file and why) if none loads.
@@ -102,7 +122,8 @@ def newest_loadable_checkpoint(run_dir: str) -> tuple[str, dict, list[tuple[str,
     passed_over = []
     for path in reversed(files):
         try:
-            return path, load_checkpoint(path), passed_over
+            ck = load_checkpoint(path)
+            return path, (ck if use is None else use(path, ck)), passed_over
         except CheckpointError as err:
             passed_over.append((path, str(err)))
     reasons = "; ".join(reason for _, reason in passed_over)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
 import sys
 
@@ -69,6 +70,37 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = _finite_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    v = _finite_float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return v
+
+
+def _unit_interval(text: str) -> float:
+    v = _finite_float(text)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return v
+
+
 def _nonneg_int(text: str) -> int:
     v = int(text)
     if v < 0:
@@ -96,6 +128,9 @@ def _init_batch_size(text: str) -> int:
             f"expected an integer >= 2 (initialisation estimates per-element variances), got {v}"
         )
     return v
+
+
+KEEP = " (default: {d}; a resumed run keeps its own)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,10 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=_positive_int, help="training steps (default: the recipe's)")
     g.add_argument("--epochs", type=_positive_int, help="training epochs")
     t.add_argument("--batch-size", type=_positive_int, help="global batch size")
-    t.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    t.add_argument("--lr", type=_positive_float, help="peak learning rate (default: the recipe's)")
     t.add_argument("--warmup", type=_nonneg_int, help="linear warm-up steps")
-    t.add_argument("--ema-decay", type=float, help="EMA decay of the weights")
-    t.add_argument("--grad-clip", type=float, help="global gradient-norm clip (0 = off)")
+    t.add_argument("--ema-decay", type=_unit_interval, help="EMA decay of the weights, in [0, 1)")
+    t.add_argument("--grad-clip", type=_nonneg_float, help="global gradient-norm clip (0 = off)")
     t.add_argument(
         "--flip",
         action=argparse.BooleanOptionalAction,
@@ -182,14 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--log-every",
         type=_positive_int,
-        default=10,
-        help="steps between metrics.jsonl records (default: %(default)s)",
+        help="steps between metrics.jsonl records" + KEEP.format(d=10),
     )
     t.add_argument(
         "--eval-every",
         type=_nonneg_int,
-        default=500,
-        help="steps between test ELBO + sample grids (0 = only at the end)",
+        help="steps between test ELBO + sample grids (0 = only at the end)" + KEEP.format(d=500),
     )
     t.add_argument(
         "--eval-images",
@@ -200,16 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--ckpt-every",
         type=_nonneg_int,
-        default=500,
-        help="steps between checkpoints (0 = only at the end; default: %(default)s)",
+        help="steps between checkpoints (0 = only at the end)" + KEEP.format(d=500),
     )
-    t.add_argument("--keep", type=_positive_int, default=3, help="checkpoints kept")
+    t.add_argument("--keep", type=_positive_int, help="checkpoints kept" + KEEP.format(d=3))
     t.add_argument(
         "--iw-samples",
         type=_positive_int,
-        default=16,
-        help="importance samples of the final test evaluation (default: %(default)s;"
-        " use 'vflow eval' for the paper's numbers)",
+        help="importance samples of the final test evaluation (use 'vflow eval' for the "
+        "paper's numbers)" + KEEP.format(d=16),
     )
     t.add_argument(
         "--final-eval",
@@ -220,12 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
         "samples.png and loss.png are still written; a resumed run keeps the setting unless "
         "given",
     )
-    t.add_argument("--n-samples", type=_nonneg_int, default=64, help="images per sample grid")
+    t.add_argument(
+        "--n-samples", type=_nonneg_int, help="images per sample grid" + KEEP.format(d=64)
+    )
     t.add_argument(
         "--max-bad-steps",
         type=_positive_int,
-        default=20,
-        help="consecutive non-finite steps before stopping",
+        help="consecutive non-finite steps before stopping" + KEEP.format(d=20),
     )
     t.add_argument(
         "--init-batch-size",
@@ -246,20 +278,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--channels-last",
-        action="store_true",
-        help="channels_last memory format (faster convolutions on CPU; same likelihood)",
+        action=argparse.BooleanOptionalAction,
+        help="channels_last memory format (faster convolutions on CPU; same likelihood)"
+        + KEEP.format(d="off"),
     )
     t.add_argument(
         "--compile",
-        action="store_true",
-        help="torch.compile the training objective (the first step compiles for minutes)",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the training objective (the first step compiles for minutes)"
+        + KEEP.format(d="off"),
     )
     t.add_argument(
         "--activation-checkpointing",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         help="recompute the networks' residual blocks in the backward pass (selective "
         "torch.utils.checkpoint, keeping attention and 3x3 conv outputs): ~27%% of the "
-        "step's memory growth at ~1.2x step time on vflow-cifar10 (a resumed run keeps it)",
+        "step's memory growth at ~1.2x step time on vflow-cifar10" + KEEP.format(d="off"),
     )
     t.add_argument(
         "--cuda-graphs",
@@ -290,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--split",
         default="test",
-        choices=["test", "train"],
-        help="data split to evaluate (default: %(default)s)",
+        choices=["test", "train", "valid"],
+        help="data split to evaluate; valid: the held-out 10,000 training images of the "
+        "MNIST-format sets (default: %(default)s)",
     )
     e.add_argument("--batch-size", type=_positive_int, default=16, help="images per pass")
     e.add_argument(
@@ -380,7 +415,10 @@ def _run_directory(parser: argparse.ArgumentParser, path: str) -> str:
 
 
 def _check_output_dir(parser: argparse.ArgumentParser, path: str | None, option: str) -> None:
-    """Fail before the work, not after it, when ``path``'s folder does not exist."""
+    """Fail before the work, not after it, when ``path`` is a folder or its folder does not
+    exist."""
+    if path and os.path.isdir(path):
+        parser.error(f"{option} {path} is a folder; give a file name")
     folder = os.path.dirname(os.path.abspath(path)) if path else None
     if folder and not os.path.isdir(folder):
         parser.error(f"{option} {path}: folder {folder} does not exist")
@@ -394,6 +432,8 @@ def _train(a, parser) -> int:
         _check_config(parser, a.config)
     if a.resume and not a.out:
         parser.error("--resume needs --out RUNDIR (the run to continue)")
+    if a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
+        parser.error(f"--out {a.out} is a file, not a run directory")
     if a.config or not a.resume:  # --set mistakes: one line, now (a resume checks its own)
         CONFIGS[a.config or T.DEFAULT_CONFIG].with_overrides(**dict(a.overrides))
     out = a.out or T.default_run_dir(a.config)
@@ -439,6 +479,8 @@ def _train(a, parser) -> int:
     try:
         res = T.train(args)
     except T.TrainingInterrupted as stop:
+        if stop.checkpoint is None:  # outside the loop: nothing was saved, say why it ended
+            print(f"vflow train: {stop}", file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:
         return 130
@@ -543,6 +585,8 @@ def _sample(a, parser) -> int:
     T.set_threads(None, ck["data"], device)
     x = draw_samples(model, a.n, temperature=a.temperature, seed=a.seed, device=device)
     out = a.out or os.path.join(run_dir, f"samples-T{a.temperature:g}.png")
+    if not os.path.splitext(out)[1]:
+        out += ".png"  # what matplotlib writes for a name without an extension
     title = f"{ck['model_spec']['name']} step {ck['step']}, T={a.temperature:g}"
     try:
         save_grid(x, int(model_cfg(model, "n_bins")), out, title=title)
@@ -577,8 +621,12 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": _train, "eval": _eval, "sample": _sample, "info": _info}
     try:
         return handlers[a.command](a, sub)
-    except (FileNotFoundError, FileExistsError, DataError, ValueError, KeyError) as err:
-        # user errors (missing files, bad options or shapes): one line, no traceback;
+    except KeyboardInterrupt:
+        print(f"vflow {a.command}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, DataError, ValueError, KeyError) as err:
+        # user errors (missing or unwritable files, bad options or shapes): one line, no
+        # traceback;
         # VFLOW_DEBUG=1 shows the traceback
         if os.environ.get("VFLOW_DEBUG"):
             raise

@@ -190,10 +190,17 @@ def _read_cifar_batch(path: str) -> np.ndarray:
     return data.reshape(-1, 3, 32, 32)
 
 
+def _missing_dir(data_dir: str | None) -> str:
+    """The clause of a DataError for a data folder that is not there or not given."""
+    if data_dir is None:
+        return "needs its folder: pass --data-dir (data_dir=...)"
+    return f"directory not found: {data_dir!r}"
+
+
 def load_cifar10(data_dir: str, split: str = "train", flip: bool = False) -> ImageData:
     """CIFAR-10 from the python-pickle batches in ``data_dir`` (never downloaded)."""
     if data_dir is None or not os.path.isdir(data_dir):
-        raise DataError(f"CIFAR-10 directory not found: {data_dir!r}; {CIFAR_LAYOUT}")
+        raise DataError(f"CIFAR-10 {_missing_dir(data_dir)}; {CIFAR_LAYOUT}")
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r} (use 'train' or 'test')")
@@ -232,7 +239,7 @@ def load_imagenet(data_dir: str, res: int, split: str = "train", flip: bool = Fa
     """Downsampled ImageNet (32 or 64) from the ``.npz`` batches in ``data_dir``."""
     layout = IMAGENET_LAYOUT.format(r=res)
     if data_dir is None or not os.path.isdir(data_dir):
-        raise DataError(f"ImageNet{res} directory not found: {data_dir!r}; {layout}")
+        raise DataError(f"ImageNet{res} {_missing_dir(data_dir)}; {layout}")
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r} (use 'train' or 'test')")
     if split == "train":
@@ -331,7 +338,7 @@ def load_mnist(
             f"{IDX_LAYOUT}"
         )
     if not os.path.isdir(data_dir):
-        raise DataError(f"{label} directory not found: {data_dir!r}; {IDX_LAYOUT}")
+        raise DataError(f"{label} {_missing_dir(data_dir)}; {IDX_LAYOUT}")
     stem = "t10k-images-idx3-ubyte" if split == "test" else "train-images-idx3-ubyte"
     x = read_idx(_idx_path(data_dir, stem), ndim=3)
     if split != "test":

@@ -167,6 +167,15 @@ def read_metrics(path: str) -> list[dict]:
     return out
 
 
+def _finite_points(rows: list[dict], kind: str, key: str) -> list[tuple[int, float]]:
+    """``(step, row[key])`` of the rows of ``kind`` where the value is a finite number."""
+    return [
+        (r["step"], r[key])
+        for r in rows
+        if r.get("kind") == kind and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+    ]
+
+
 def plot_loss_curve(metrics_path: str, path: str, title: str | None = None) -> str:
     """Training bpd (per log interval) and test bpd (periodic evaluations) against the step."""
     import matplotlib
@@ -175,15 +184,9 @@ def plot_loss_curve(metrics_path: str, path: str, title: str | None = None) -> s
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_path)
-    tr = [
-        (r["step"], r["train_bpd"])
-        for r in rows
-        if r.get("kind") == "train"
-        and r.get("train_bpd") is not None
-        and math.isfinite(r["train_bpd"])
-    ]
-    te = [(r["step"], r["elbo_bpd"]) for r in rows if r.get("kind") == "eval"]
-    iw = [(r["step"], r["iw_bpd"]) for r in rows if r.get("kind") == "eval" and "iw_bpd" in r]
+    tr = _finite_points(rows, "train", "train_bpd")
+    te = _finite_points(rows, "eval", "elbo_bpd")
+    iw = _finite_points(rows, "eval", "iw_bpd")
     fig, ax = plt.subplots(figsize=(6, 4))
     if tr:
         ax.plot(*zip(*tr, strict=True), lw=1, label="train (ELBO)")
@@ -198,7 +201,8 @@ def plot_loss_curve(metrics_path: str, path: str, title: str | None = None) -> s
         lo, hi = min(vals), sorted(vals)[int(0.95 * (len(vals) - 1))]
         ax.set_ylim(lo - 0.05 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))
     ax.grid(alpha=0.3)
-    ax.legend()
+    if tr or te or iw:
+        ax.legend()
     if title:
         ax.set_title(title)
     fig.tight_layout()

@@ -2,11 +2,13 @@
 schedulers, ``docker stop`` and torchrun send) and SIGUSR1 ("write a checkpoint now and go
 on").
 
-Inside :class:`StopRequests` a signal only sets a flag; the training loop looks at the flags
-between iterations, where the step counter, data position, weights, optimiser, EMA and RNG
-states are consistent, writes its checkpoint there and raises :class:`TrainingInterrupted`
-(exit code ``128 + signal``: 130 for SIGINT, 143 for SIGTERM). A second Ctrl-C raises
-KeyboardInterrupt at once, without a checkpoint. Under DDP the ranks agree (one
+While the training loop runs (``StopRequests.deferring``) a signal only sets a flag; the
+loop looks at the flags between iterations, where the step counter, data position, weights,
+optimiser, EMA and RNG states are consistent, writes its checkpoint there and raises
+:class:`TrainingInterrupted` (exit code ``128 + signal``: 130 for SIGINT, 143 for SIGTERM).
+A second Ctrl-C raises KeyboardInterrupt at once, without a checkpoint. Outside the loop
+(setting up, the final evaluation) a stop signal raises TrainingInterrupted at once (there is
+no state to save there) and SIGUSR1 is ignored, with a note. Under DDP the ranks agree (one
 ``all_reduce``, MAX) at the boundaries the loop chooses, so that all of them stop after the
 same iteration. Handlers can only be installed from the main thread; elsewhere the
 signals keep their previous behaviour.
@@ -15,6 +17,7 @@ signals keep their previous behaviour.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 import torch
@@ -27,11 +30,14 @@ _CHECKPOINT_SIGNAL = getattr(signal, "SIGUSR1", None)
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped by a signal after writing a checkpoint at a step boundary."""
 
-    def __init__(self, signum: int, step: int, checkpoint: str | None):
+    def __init__(self, signum: int, step: int | None = None, checkpoint: str | None = None):
         self.signum, self.step, self.checkpoint = int(signum), step, checkpoint
-        super().__init__(
-            f"stopped by {signal.Signals(self.signum).name} at step {step}; checkpoint {checkpoint}"
-        )
+        name = signal.Signals(self.signum).name
+        if checkpoint is None:
+            message = f"stopped by {name}"
+        else:
+            message = f"stopped by {name} after step {step}; checkpoint {checkpoint}"
+        super().__init__(message)
 
     @property
     def exit_code(self) -> int:
@@ -46,6 +52,7 @@ class StopRequests:
     def __init__(self):
         self.stop: int | None = None  # the first stop signal received
         self.checkpoint = False  # SIGUSR1 received since the last checkpoint
+        self.deferring = False  # True while the training loop runs
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequests:
@@ -62,11 +69,18 @@ class StopRequests:
 
     def _handle(self, signum: int, frame) -> None:
         if signum == _CHECKPOINT_SIGNAL:
-            self.checkpoint = True
+            if self.deferring:
+                self.checkpoint = True
+            else:
+                _say("SIGUSR1 ignored: no training iteration is running")
+        elif not self.deferring:
+            raise TrainingInterrupted(signum)
         elif self.stop is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
-        else:
-            self.stop = self.stop or signum
+        elif self.stop is None:
+            self.stop = signum
+            again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+            _say(f"{signal.Signals(signum).name}: stopping after this iteration{again}")
 
     def agree(self, world_size: int, device: torch.device) -> tuple[int | None, bool]:
         """``(stop signal or None, checkpoint requested)`` agreed by all ranks: the maximum
@@ -77,3 +91,9 @@ class StopRequests:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stop, checkpoint = flags.tolist()
         return (stop or None), bool(checkpoint)
+
+
+def _say(message: str) -> None:
+    """A line on stderr from a signal handler (it runs in the main thread)."""
+    sys.stderr.write(f"\n{message}\n")
+    sys.stderr.flush()

@@ -218,6 +218,11 @@ class ModelConfig:
         names = [f.name for f in dataclasses.fields(self)]
         step_fields = [f.name for f in dataclasses.fields(Step)]
         for key in overrides:
+            if key == "name":
+                raise ValueError(
+                    "the config field 'name' cannot be overridden: it names the config "
+                    "(choose another config instead)"
+                )
             if key in names:
                 continue
             close = difflib.get_close_matches(key, names + step_fields, n=1)

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -121,23 +122,24 @@ class TrainArgs:
     seed: int | None = None  # default 0
     resume: bool = False
     overrides: dict = field(default_factory=dict)  # model overrides for vflow.build
-    log_every: int = 10
-    eval_every: int = 500  # periodic test ELBO + sample grid (0 = only at the end)
+    # Run options: None = not given (a new run: RUN_OPTION_DEFAULTS; a resumed run: its own)
+    log_every: int | None = None
+    eval_every: int | None = None  # periodic test ELBO + sample grid (0 = only at the end)
     eval_images: int | None = 512  # images used by the periodic evaluation (None = all)
     eval_batch_size: int = 256
-    ckpt_every: int = 500
-    keep: int = 3
-    final_eval: bool | None = None  # test ELBO and IW bpd at the end (default True)
-    iw_samples: int = 16
-    n_samples: int = 64  # images in a sample grid
-    max_bad_steps: int = 20
+    ckpt_every: int | None = None
+    keep: int | None = None  # checkpoints kept
+    final_eval: bool | None = None  # test ELBO and IW bpd at the end
+    iw_samples: int | None = None
+    n_samples: int | None = None  # images in a sample grid
+    max_bad_steps: int | None = None
     progress: bool = True
     num_threads: int | None = None
     init_batch_size: int | None = None  # images for model.initialize (None: 128 or fewer)
     init_scheme: str | None = None  # model.initialize scheme (None: the model's default)
-    channels_last: bool = False  # channels_last weights and activations (faster CPU convs)
-    compile: bool = False  # torch.compile the training objective (networks + couplings)
-    activation_checkpointing: bool = False  # recompute the coupling networks in backward
+    channels_last: bool | None = None  # channels_last weights and activations (CPU convs)
+    compile: bool | None = None  # torch.compile the training objective
+    activation_checkpointing: bool | None = None  # recompute the networks in backward
     cuda_graphs: bool = False  # capture the whole iteration as a CUDA graph (CUDA only)
 
     def recipe(self) -> dict:
@@ -155,8 +157,22 @@ class TrainArgs:
 #: TrainArgs fields that are part of the recipe (a resumed run keeps its checkpoint's).
 RECIPE_ARGS = ("lr", "warmup", "batch_size", "ema_decay", "grad_clip", "flip")
 
-#: Run options a resumed run takes from its checkpoint unless given again.
-INHERITED_OPTIONS = {"final_eval": True}
+#: Run options and their defaults: a resumed run takes its checkpoint's values of those not
+#: given again (so a preempted job that resumes keeps its checkpoint interval, logging,
+#: evaluation, memory layout and compilation).
+RUN_OPTION_DEFAULTS = {
+    "log_every": 10,
+    "eval_every": 500,
+    "ckpt_every": 500,
+    "keep": 3,
+    "final_eval": True,
+    "iw_samples": 16,
+    "n_samples": 64,
+    "max_bad_steps": 20,
+    "channels_last": False,
+    "compile": False,
+    "activation_checkpointing": False,
+}
 
 DEFAULT_INIT_BATCH_SIZE = RECOMMENDED_INIT_BATCH  # official Flow++ CIFAR-10: 128 at batch 64
 _INIT_STREAM = 0x1417  # key of the init-batch generator (distinct from the batch stream's)
@@ -199,9 +215,9 @@ def resolve_device(name: str) -> str:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        raise ValueError(f"device {name!r}: CUDA is not available on this machine")
     return name
 
 
@@ -243,6 +259,22 @@ def default_build(spec: dict) -> nn.Module:
     )
 
 
+def model_from_checkpoint(
+    path: str, ck: dict, use_ema: bool, backend: str | None, build_fn
+) -> tuple[nn.Module, dict]:
+    """``(model, ck)``: the model of checkpoint ``ck`` (read from ``path``) with its raw or
+    EMA weights, built on ``backend`` (None: the checkpoint's); CheckpointError naming
+    ``path`` for weights that do not fit the model."""
+    spec = dict(ck["model_spec"])
+    if backend is not None:
+        spec["backend"] = backend
+    model = build_fn(spec)
+    load_model_state(model, ck["model"], path)
+    if use_ema and ck.get("ema") is not None:
+        model.load_state_dict({**ck["ema"]["buffers"], **ck["ema"]["params"]}, strict=False)
+    return model, ck
+
+
 def load_run_model(
     path: str,
     device: str | torch.device = "cpu",
@@ -255,22 +287,18 @@ def load_run_model(
     stderr) or a checkpoint file. EMA weights unless ``use_ema=False``; built with the
     checkpoint's backend unless ``backend`` is given; on ``device`` ("auto": CUDA when
     available), in eval mode. FileNotFoundError for a path that is neither."""
+
+    model_of = functools.partial(
+        model_from_checkpoint, use_ema=use_ema, backend=backend, build_fn=build_fn
+    )
     if os.path.isdir(path):
-        found, ck, passed_over = newest_loadable_checkpoint(path)
+        found, (model, ck), passed_over = newest_loadable_checkpoint(path, use=model_of)
         for _bad, reason in passed_over:
             print(f"warning: {reason}; using {found}", file=sys.stderr, flush=True)
     elif os.path.isfile(path):
-        ck = load_checkpoint(path)
+        model, ck = model_of(path, load_checkpoint(path))
     else:
         raise FileNotFoundError(f"no run directory or checkpoint file at {path}")
-    spec = dict(ck["model_spec"])
-    if backend is not None:
-        spec["backend"] = backend
-    model = build_fn(spec)
-    model.load_state_dict(ck["model"])
-    if use_ema and ck.get("ema") is not None:
-        ema_state = {**ck["ema"]["buffers"], **ck["ema"]["params"]}
-        model.load_state_dict(ema_state, strict=False)
     model.to(resolve_device(str(device))).eval()
     return model, ck
 
@@ -372,16 +400,20 @@ def checkpoint_to_resume(run_dir: str, resume: bool, info: DistInfo) -> tuple[st
     return path, ck
 
 
-def check_resume_options(args: TrainArgs, ck: dict) -> None:
+def check_resume_options(args: TrainArgs, ck: dict, info: DistInfo) -> None:
     """ValueError listing every given option that contradicts the checkpoint's settings
-    (config, data, seed, model overrides, recipe values); equal values are accepted."""
+    (config, data, seed, model overrides, recipe values); equal values are accepted, and
+    so are overrides that give a config field the value it has. The initialisation
+    options do not apply to a resumed run (a note says so)."""
     spec, recipe = ck["model_spec"], ck["recipe"]
+    saved_overrides = _plain(spec.get("overrides") or {})
     given = {
         "--config": (args.config, spec["name"]),
         "--data": (args.data, ck["data"]),
         "--seed": (args.seed, ck["seed"]),
-        "--set": (_plain(args.overrides) or None, _plain(spec.get("overrides") or {})),
     }
+    if args.overrides and not _same_model(spec["name"], args.overrides, saved_overrides):
+        given["--set"] = (_plain(args.overrides), saved_overrides)
     for key in RECIPE_ARGS:
         given["--" + key.replace("_", "-")] = (getattr(args, key), recipe.get(key))
     conflicts = [
@@ -395,6 +427,28 @@ def check_resume_options(args: TrainArgs, ck: dict) -> None:
             f"{'; '.join(conflicts)}. Omit them to continue the run, or start a new run "
             f"with another --out"
         )
+    ignored = [
+        o
+        for o, v in (
+            ("--init-batch-size", args.init_batch_size),
+            ("--init-scheme", args.init_scheme),
+        )
+        if v is not None
+    ]
+    if ignored:
+        _log(f"note: {', '.join(ignored)} ignored: a resumed run is initialised already", info)
+
+
+def _same_model(name: str, overrides: dict, saved: dict) -> bool:
+    """Whether config ``name`` with ``overrides`` is the model of ``saved`` overrides."""
+    from .models import CONFIGS
+
+    if name not in CONFIGS:
+        return _plain(overrides) == saved
+    try:
+        return CONFIGS[name].with_overrides(**overrides) == CONFIGS[name].with_overrides(**saved)
+    except (ValueError, TypeError):
+        return False
 
 
 def _same_setting(new, old) -> bool:
@@ -404,20 +458,20 @@ def _same_setting(new, old) -> bool:
 
 
 def args_for_resume(args: TrainArgs, ck: dict) -> TrainArgs:
-    """``args`` with the checkpoint's values where the run keeps them: activation
-    checkpointing stays on if the run had it on (a run that needed it to fit still needs it),
-    and the options of :data:`INHERITED_OPTIONS` that were not given."""
+    """``args`` with the checkpoint's values of the run options that were not given again
+    (:data:`RUN_OPTION_DEFAULTS`; its defaults where an older checkpoint lacks one)."""
     saved = ck.get("args", {})
-    changes = {k: saved.get(k, default) for k, default in INHERITED_OPTIONS.items()}
-    changes = {k: v for k, v in changes.items() if getattr(args, k) is None}
-    if saved.get("activation_checkpointing"):
-        changes["activation_checkpointing"] = True
+    changes = {
+        k: saved[k] if saved.get(k) is not None else default
+        for k, default in RUN_OPTION_DEFAULTS.items()
+        if getattr(args, k) is None
+    }
     return dataclasses.replace(args, **changes)
 
 
 def args_for_new_run(args: TrainArgs) -> TrainArgs:
     """``args`` with the defaults of the options that were not given."""
-    changes = {k: v for k, v in INHERITED_OPTIONS.items() if getattr(args, k) is None}
+    changes = {k: v for k, v in RUN_OPTION_DEFAULTS.items() if getattr(args, k) is None}
     changes.update(config=args.config or DEFAULT_CONFIG, seed=args.seed or 0)
     return dataclasses.replace(args, **changes)
 
@@ -439,6 +493,44 @@ def settings_from_checkpoint(ck: dict, args: TrainArgs) -> RunSettings:
     recipe["betas"] = tuple(recipe["betas"])
     data_dir = args.data_dir or ck.get("data_dir")
     return RunSettings(spec, recipe, int(ck["seed"]), ck["data"], data_dir)
+
+
+def load_model_state(model: nn.Module, state: dict, path: str | None) -> None:
+    """``model.load_state_dict(state)``; a checkpoint whose weights do not fit the model
+    (missing or unexpected keys, other shapes) is a CheckpointError naming ``path``."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) or first[0]
+        raise CheckpointError(
+            f"checkpoint {path}: its weights do not fit the model it describes ({detail[:300]})"
+        ) from None
+
+
+def keep_metrics_up_to(path: str, step: int | None) -> None:
+    """Prepare metrics.jsonl for a run: a new run (``step`` None) starts an empty file; a
+    resumed run keeps the rows up to its checkpoint's ``step`` (not a final evaluation),
+    dropping those of iterations that the resume will run again."""
+    if step is None or not os.path.isfile(path):
+        open(path, "w").close()
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _row_before(line, step)]
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
+def _row_before(line: str, step: int) -> bool:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return False  # a line cut short by a crash
+    return row.get("step", 0) <= step and not row.get("final")
 
 
 def total_steps_of(args: TrainArgs, stream: BatchStream, ck: dict | None, recipe: dict) -> int:
@@ -550,7 +642,8 @@ def train(args: TrainArgs, build_fn: Callable[[dict], nn.Module] = default_build
     info = init_distributed(args.device)
     finished = False
     try:
-        result = Trainer(args, build_fn, info).run()
+        with StopRequests() as stops:  # SIGUSR1 is no longer fatal from here on
+            result = Trainer(args, build_fn, info).run(stops)
         finished = True
         return result
     finally:
@@ -573,7 +666,6 @@ class Trainer:
         check_init_batch_size(args.init_batch_size)
         self.info = info = info or DistInfo()
         self.device = training_device(resolve_device(args.device), info)
-        check_cuda_graphs(args, self.device, info)
         self.run_dir = args.out or default_run_dir(args.config)
         resumed = checkpoint_to_resume(self.run_dir, args.resume, info)
         self.resumed_from, ck = resumed if resumed else (None, None)
@@ -581,9 +673,10 @@ class Trainer:
             self.args = args_for_new_run(args)
             self.settings = settings_from_args(self.args)
         else:
-            check_resume_options(args, ck)
+            check_resume_options(args, ck, info)
             self.args = args_for_resume(args, ck)
             self.settings = settings_from_checkpoint(ck, self.args)
+        check_cuda_graphs(self.args, self.device, info)
         self.bad_streak, self.last_ckpt, self.bar = 0, self.resumed_from, None
         self.window = TrainWindow()
         self._load_data(ck)
@@ -591,12 +684,15 @@ class Trainer:
         if ck is None:
             self._initialize()
         else:
-            self.model.load_state_dict(ck["model"])
+            load_model_state(self.model, ck["model"], self.resumed_from)
         self._build_step(ck)
         if ck is not None:
             self._restore(ck)
-        self._write_run_description()
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        if info.main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            keep_metrics_up_to(self.metrics_path, None if ck is None else self.step)
+        self._write_run_description()
         _log(
             f"training on {self.device} ({_device_name(self.device)}), backend "
             f"{_backend_of(self.model, self.device)}"
@@ -622,6 +718,12 @@ class Trainer:
             world_size=self.info.world_size,
         )
         self.total_steps = total_steps_of(self.args, self.stream, ck, s.recipe)
+        if ck is not None and int(ck["step"]) >= self.total_steps:
+            raise ValueError(
+                f"--resume: {self.run_dir} is at step {ck['step']} already, and the run is "
+                f"{self.total_steps} steps long; pass a larger --steps (or --epochs) to "
+                f"train on, or use 'vflow eval' for its test numbers"
+            )
 
     def _build_model(self, build_fn) -> None:
         """The model, built identically on every rank from the seed."""
@@ -888,19 +990,24 @@ class Trainer:
 
     # --------------------------------------------------------------------- the loop
 
-    def run(self) -> TrainResult:
+    def run(self, stops: StopRequests | None = None) -> TrainResult:
         """Train to ``total_steps`` with the periodic logs, evaluations and checkpoints,
         then write the final checkpoint and evaluation. SIGINT / SIGTERM stop the loop at
-        the end of an iteration with a checkpoint (:class:`TrainingInterrupted`)."""
+        the end of an iteration with a checkpoint (:class:`TrainingInterrupted`);
+        ``stops`` are the signal handlers in place (installed here if None)."""
+        if stops is None:
+            with StopRequests() as own:
+                return self.run(own)
         self._open_progress_bar()
         self.window.restart_clock()
         try:
-            with StopRequests() as stops:
-                while self.step < self.total_steps:
-                    self.train_step()
-                    self._after_step()
-                    self._handle_requests(stops)
+            stops.deferring = True
+            while self.step < self.total_steps:
+                self.train_step()
+                self._after_step()
+                self._handle_requests(stops)
         finally:
+            stops.deferring = False
             self._close_progress_bar()
         return self._finish()
 
@@ -931,7 +1038,7 @@ class Trainer:
             self._close_progress_bar()
             path = self.write_checkpoint("interrupt")
             err = TrainingInterrupted(stop, self.step, path)
-            _log(f"\n{err}; continue with --resume --out {self.run_dir}", self.info)
+            _log(f"{err}; continue with --resume --out {self.run_dir}", self.info)
             raise err
         if checkpoint:
             stops.checkpoint = False
@@ -939,20 +1046,36 @@ class Trainer:
             _log(f"step {self.step}: checkpoint {self.last_ckpt} written on request", self.info)
 
     def _finish(self) -> TrainResult:
-        """The final checkpoint, then (rank 0) the final evaluation if asked for, the sample
-        grid and the loss curve."""
+        """The final checkpoint, the sample grid and the loss curve (rank 0), then the final
+        evaluation if asked for (and the loss curve again, with its point). An interrupted
+        final evaluation loses only itself."""
         self.last_ckpt = self.write_checkpoint("final") or self.last_ckpt
-        final = self.evaluate_ema(final=True) if self.args.final_eval else None
         self.save_samples(final=True)
+        self._plot_loss_curve()
+        final = None
+        if self.args.final_eval:
+            try:
+                final = self.evaluate_ema(final=True)
+            except KeyboardInterrupt:
+                _log(
+                    f"\nthe final evaluation was interrupted; the final checkpoint "
+                    f"{self.last_ckpt} is complete: 'vflow eval --run {self.run_dir}' gives "
+                    f"the test bits/dim",
+                    self.info,
+                )
+                raise
+            self._plot_loss_curve()
+        return TrainResult(
+            self.run_dir, self.step, self.model, self.ema, final, self.skipped, self.last_ckpt
+        )
+
+    def _plot_loss_curve(self) -> None:
         if self.info.main:
             plot_loss_curve(
                 self.metrics_path,
                 os.path.join(self.run_dir, "loss.png"),
                 title=f"{self.settings.spec['name']} on {self.settings.data_name}",
             )
-        return TrainResult(
-            self.run_dir, self.step, self.model, self.ema, final, self.skipped, self.last_ckpt
-        )
 
     def _open_progress_bar(self) -> None:
         if self.info.main and self.args.progress:
@@ -975,7 +1098,8 @@ class Trainer:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{torch.get_num_threads()} CPU threads"
+    n = torch.get_num_threads()
+    return f"{n} CPU thread{'s' if n > 1 else ''}"
 
 
 def _backend_of(model: nn.Module, device: torch.device) -> str:
