@@ -631,7 +631,7 @@ def test_sample_rejects_bad_temperatures(temperature):
 
 # --- issue 29: an uninitialised model refuses to evaluate; small init batches ----------------
 
-NOT_INITIALISED = r"not initialised.*model\.initialize\(x\).*load_run_model"
+NOT_INITIALISED = r"not initialised.*model\.initialize\(x\).*vflow\.load\(run_dir\)"
 
 
 def _actnorms_initialised(model):
