@@ -33,15 +33,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: The worker: build a trainer in a fresh run directory, say "@ready", then answer each "N"
-#: with "@ <seconds N iterations took>", until "q" (its other output is the trainer's).
+#: The worker: build a trainer (its run directory in the parent's temporary folder), say
+#: "@ready", then answer each "N" with "@ <seconds N iterations took>", until "q" (its
+#: other output is the trainer's).
 _WORKER = r"""
-import sys, tempfile, time
+import sys, time
 import torch
 from vflow.train import Trainer, TrainArgs, TrainWindow
-config, seed, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+config, seed, threads, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 torch.set_num_threads(threads)
-args = TrainArgs(config=config, out=tempfile.mkdtemp(prefix="paired-"), steps=10**6, seed=seed,
+args = TrainArgs(config=config, out=out, steps=10**6, seed=seed,
                  device="cpu", num_threads=threads, progress=False, eval_every=0,
                  final_eval=False, ckpt_every=10**6)
 trainer = Trainer(args)
@@ -78,10 +79,10 @@ def checkout(rev: str, where: Path) -> Path:
 class Worker:
     """A trainer of one checkout in its own process, driven through stdin/stdout."""
 
-    def __init__(self, root: Path, config: str, seed: int, threads: int):
+    def __init__(self, root: Path, config: str, seed: int, threads: int, run_dir: Path):
         env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS=str(threads))
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _WORKER, config, str(seed), str(threads)],
+            [sys.executable, "-c", _WORKER, config, str(seed), str(threads), str(run_dir)],
             cwd=root,
             env=env,
             stdin=subprocess.PIPE,
@@ -95,7 +96,7 @@ class Worker:
         for line in self.proc.stdout:
             if line.startswith("@"):
                 return line[1:].strip()
-            print(f"  [{self.proc.args[-3]} worker] {line.rstrip()}")
+            print(f"  [{self.proc.args[-4]} worker] {line.rstrip()}")
         raise RuntimeError("the worker stopped; see its stderr above")
 
     def time(self, steps: int) -> float:
@@ -141,8 +142,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="paired-trainer-") as tmp:
         base_root = checkout(a.base, Path(tmp))
         try:
-            base = Worker(base_root, a.config, a.seed, a.threads)
-            head = Worker(ROOT, a.config, a.seed, a.threads)
+            base = Worker(base_root, a.config, a.seed, a.threads, Path(tmp) / "base-run")
+            head = Worker(ROOT, a.config, a.seed, a.threads, Path(tmp) / "head-run")
             pairs = paired_ratios(base, head, a.steps, a.rounds, a.warmup)
             base.close()
             head.close()
