@@ -10,6 +10,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _precise as precise
+
+# Fast or precise exp / log, chosen per term (issue 28). On NVIDIA GPUs float32 ``tl.exp`` /
+# ``tl.log`` are approximate instructions (``kernels/_precise.py`` gives their error); each
+# group of terms was switched to the fast form alone and kept fast only where the float32
+# results over 5 regimes x K in {1, 4} x smooth / plain (forward, both backwards, inverse)
+# stayed within 2x the all-precise kernels' max error + 1e-5, under the emulation of
+# ``kernels/_emulation.py``. Precise: the per-component log1p and exps of ``_component``, the
+# responsibilities ``_weights``, the backward's log-sum-exps and its exps of alpha and of the
+# log-densities (each multiplies a gradient). Fast: tanh, the softplus / log-sum-exp
+# helpers, the forward's log-sum-exps and output, the gradient-chain exps and the inverse.
+
 PLAIN, CHECKERBOARD, STRIPE = 0, 1, 2
 
 # Elements per program (a 2-D tile BLOCK_B x BLOCK_N, BLOCK_B * BLOCK_N == DEFAULT_BLOCK when
@@ -40,7 +52,7 @@ def _log1p_unit(e):
     """log(1 + e) for e in [0, 1], accurate when e is tiny (no libdevice log1p needed)."""
     u = 1.0 + e
     exact = u == 1.0
-    return tl.where(exact, e, tl.log(u) * (e / tl.where(exact, 1.0, u - 1.0)))
+    return tl.where(exact, e, precise.log(u) * (e / tl.where(exact, 1.0, u - 1.0)))
 
 
 @triton.jit
@@ -75,9 +87,9 @@ def _component(x, pi_ptr, mu_ptr, ls_ptr, mask):
     mu = tl.load(mu_ptr, mask=mask, other=0.0)
     ls = tl.load(ls_ptr, mask=mask, other=0.0)
     s = tl.maximum(ls, LOG_SCALE_MIN)
-    inv_s = tl.exp(-s)
+    inv_s = precise.exp(-s)
     t = (x - mu) * inv_s
-    e = tl.exp(-tl.abs(t))
+    e = precise.exp(-tl.abs(t))
     l1 = _log1p_unit(e)
     lsp = tl.minimum(t, 0.0) - l1
     lsn = tl.minimum(-t, 0.0) - l1
@@ -174,9 +186,9 @@ def _fwd_kernel(x_ptr, p_ptr, y_ptr, part_ptr, B, N, K, H, W, parity, stride_xb,
 def _weights(pi, s, lsp, lsn, lse_c, lse_s, lse_f):
     """Component k's weights in f, F and 1 - F: r_k = pi_k f_k / f, rF_k = pi_k F_k / F,
     rS_k = pi_k (1 - F_k) / (1 - F) (normalised by the log-sum-exps of pass 1)."""
-    r = tl.exp(pi + lsp + lsn - s - lse_f)
-    r_c = tl.exp(pi + lsp - lse_c)
-    r_s = tl.exp(pi + lsn - lse_s)
+    r = precise.exp(pi + lsp + lsn - s - lse_f)
+    r_c = precise.exp(pi + lsp - lse_c)
+    r_s = precise.exp(pi + lsn - lse_s)
     return r, r_c, r_s
 
 
@@ -224,16 +236,16 @@ def _bwd_kernel(x_ptr, p_ptr, go_ptr, gl_ptr, gi_ptr, gp_ptr, B, N, K, H, W, par
         m_c, s_c = _lse_push(m_c, s_c, pi + lsp)
         m_s, s_s = _lse_push(m_s, s_s, pi + lsn)
         m_f, s_f = _lse_push(m_f, s_f, pi + lsp + lsn - s)
-    log_z = m_z + tl.log(s_z)
-    lse_c = m_c + tl.log(s_c)  # unnormalised (log F + log Z)
-    lse_s = m_s + tl.log(s_s)
-    lse_f = m_f + tl.log(s_f)
+    log_z = m_z + precise.log(s_z)
+    lse_c = m_c + precise.log(s_c)  # unnormalised (log F + log Z)
+    lse_s = m_s + precise.log(s_s)
+    lse_f = m_f + precise.log(s_f)
     log_cdf = lse_c - log_z
     log_sf = lse_s - log_z
     log_pdf = lse_f - log_z
     log_g, log_1mg = _squash(log_cdf, log_sf, SMOOTH)
     alpha = _tanh(a_raw)
-    e_alpha = tl.exp(alpha)
+    e_alpha = precise.exp(alpha)
     z = log_g - log_1mg
     log_j = log_pdf - log_g - log_1mg  # log dz/dx
     log_rho_f = log_cdf - log_g  # rho_F = (1 - 2 eps) F / G, 1 without smoothing
@@ -242,10 +254,10 @@ def _bwd_kernel(x_ptr, p_ptr, go_ptr, gl_ptr, gi_ptr, gp_ptr, B, N, K, H, W, par
         log_j += _c(LOG_SPAN, log_j)
         log_rho_f += _c(LOG_SPAN, log_rho_f)
         log_rho_s += _c(LOG_SPAN, log_rho_s)
-    rho_f = tl.exp(log_rho_f)
-    rho_s = tl.exp(log_rho_s)
-    jac = tl.exp(log_j)
-    om2g = tl.exp(log_1mg) - tl.exp(log_g)  # 1 - 2 G
+    rho_f = precise.exp(log_rho_f)
+    rho_s = precise.exp(log_rho_s)
+    jac = precise.exp(log_j)
+    om2g = precise.exp(log_1mg) - precise.exp(log_g)  # 1 - 2 G
     da = 1.0 - alpha * alpha
     # grad_theta = c_zj dz/dtheta / J + c_f dl/dtheta; mu_k and s_k act through t_k, pi_k
     # through dz/dpi = kappa (rF - rS) and dl/dpi = (r - w) - om2G kappa (rF - rS)

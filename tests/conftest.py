@@ -6,6 +6,7 @@ triton is first imported, so it is set here, at collection time, unless --device
 
 import os
 import sys
+import zlib
 
 
 def _wants_cuda(argv) -> bool:
@@ -26,6 +27,12 @@ import torch  # noqa: E402
 
 def pytest_addoption(parser):
     parser.addoption("--device", default="cpu", help="device for the tests: cpu (default) or cuda")
+    parser.addoption(
+        "--fast-math",
+        action="store_true",
+        help="run every test with the GPU's fast-math errors emulated in Triton's interpreter "
+        "(kernels/_emulation.py), e.g. pytest --fast-math tests/test_triton_kernels.py",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +48,20 @@ def _seeded():
     """Every test starts from the same random state and leaves the global one untouched."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _fast_math_mode(request):
+    """With ``--fast-math``, interpreted float32 exp / log / exp2 / log2 / sqrt carry the
+    errors of the GPU's approximate instructions for the whole test (seeded per test)."""
+    if not request.config.getoption("--fast-math"):
+        yield
+        return
+    from vflow.kernels._emulation import fast_math
+
+    seed = zlib.crc32(request.node.nodeid.encode())
+    with fast_math(seed=seed):
         yield
 
 
