@@ -184,16 +184,21 @@ def _check_params(params, x: Tensor, active_shape: tuple[int, ...], x_name: str)
     _check_tensor("params", params)
     if params.device != x.device:
         raise ValueError(f"params is on {params.device} but {x_name} is on {x.device}")
-    expected = f"(B, 2+3K, {', '.join(map(str, active_shape))}) with B = {x.shape[0]}"
-    if params.dim() != len(active_shape) + 2:
-        raise ValueError(f"params must have shape {expected}, got {tuple(params.shape)}")
-    p = params.shape[1]
+    shape = params.shape
+    if len(shape) != len(active_shape) + 2:
+        raise ValueError(_params_shape_error(shape, x, active_shape))
+    p = shape[1]
     if p < 5 or (p - 2) % 3:
         raise ValueError(
             f"params dim 1 must be 2+3K for K >= 1 components (5, 8, 11, ...), got {p}"
         )
-    if params.shape[0] != x.shape[0] or tuple(params.shape[2:]) != tuple(active_shape):
-        raise ValueError(f"params must have shape {expected}, got {tuple(params.shape)}")
+    if shape[0] != x.shape[0] or tuple(shape[2:]) != tuple(active_shape):
+        raise ValueError(_params_shape_error(shape, x, active_shape))
+
+
+def _params_shape_error(shape, x: Tensor, active_shape: tuple[int, ...]) -> str:
+    expected = f"(B, 2+3K, {', '.join(map(str, active_shape))}) with B = {x.shape[0]}"
+    return f"params must have shape {expected}, got {tuple(shape)}"
 
 
 def _check_flag(name: str, value) -> None:
@@ -316,6 +321,65 @@ torch.library.register_autograd("vflow::coupling_fwd", _coupling_backward, setup
 torch.library.register_autograd("vflow::coupling_inv", _coupling_backward, setup_context=_inv_setup)
 
 
+# --- the eager path -----------------------------------------------------------------------
+
+
+def _direct_call_allowed(*tensors: Tensor) -> bool:
+    """Whether a fused kernel may be called directly (``_FusedCoupling``) rather than through
+    its registered custom op: plain tensors, outside torch.compile's tracing, no
+    TorchDispatchMode active (fake tensors, selective checkpointing, op counters see the
+    custom op) and no torch.func transform. The custom op's Python autograd layer costs
+    about 10x the bare kernel per call at small shapes (``benchmarks/op_overhead.py``)."""
+    return (
+        not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and torch._C._functorch.maybe_current_level() is None
+        and all(type(t) is Tensor for t in tensors)
+    )
+
+
+class _FusedCoupling(torch.autograd.Function):
+    """The fused forward (``inverse=False``) or inverse of the coupling with the same VJP as
+    the registered ops (``_coupling_backward``), calling the backend's kernels directly."""
+
+    @staticmethod
+    def run(inp, params, config, max_iters=0, newton=False):
+        """The op: through autograd when a gradient is wanted, else the bare kernel."""
+        if torch.is_grad_enabled() and (inp.requires_grad or params.requires_grad):
+            return _FusedCoupling.apply(inp, params, config, max_iters, newton)
+        return _FusedCoupling.kernel(inp, params, config, max_iters, newton)
+
+    @staticmethod
+    def kernel(inp, params, config, max_iters, newton):
+        smooth, pattern, parity, inverse, backend = config
+        kernels = _kernels(backend)
+        if inverse:
+            return kernels.coupling_inv(inp, params, smooth, pattern, parity, max_iters, newton)
+        return kernels.coupling_fwd(inp, params, smooth, pattern, parity)
+
+    # forward(ctx, ...) rather than setup_context: Function.apply binds the signature of a
+    # setup_context-style forward with inspect on every call (~100 us)
+    @staticmethod
+    def forward(ctx, inp, params, config, max_iters, newton):
+        out = _FusedCoupling.kernel(inp, params, config, max_iters, newton)
+        # the VJP is evaluated at x: the input of the forward, the output of the inverse
+        ctx.save_for_backward(out[0] if config[3] else inp, params)
+        ctx.config = config
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_logdet):
+        x, params = ctx.saved_tensors
+        args = (x, params, grad_out.contiguous(), grad_logdet.contiguous(), *ctx.config)
+        if torch.is_grad_enabled():
+            # create_graph=True: the custom op, whose result fails with a clear error if it
+            # is differentiated (double backward is not supported), never a silent zero
+            grad_in, grad_params = _coupling_bwd(*args)
+        else:
+            grad_in, grad_params = _kernels(ctx.config[-1]).coupling_bwd(*args[:-1])
+        return grad_in, grad_params, None, None, None
+
+
 # --- dispatch -----------------------------------------------------------------------------
 
 
@@ -332,6 +396,8 @@ def _forward(x, params, smooth, pattern, parity, backend):
     def call(x, params, backend):
         if backend == "reference":
             return reference.coupling_fwd(x, params, smooth, pattern, parity)
+        if _direct_call_allowed(x, params):
+            return _FusedCoupling.run(x, params, (smooth, pattern, parity, False, backend))
         return _coupling_fwd(x, params, smooth, pattern, parity, backend)
 
     return _run(x, params, backend, call)
@@ -364,6 +430,9 @@ def _inverse(y, params, smooth, pattern, parity, method, max_iters, backend):
     def call(y, params, backend):
         if backend == "reference":
             return _ReferenceInverse.apply(y, params, smooth, pattern, parity, iters, newton)
+        if _direct_call_allowed(y, params):
+            config = (smooth, pattern, parity, True, backend)
+            return _FusedCoupling.run(y, params, config, iters, newton)
         return _coupling_inv(y, params, smooth, pattern, parity, iters, newton, backend)
 
     return _run(y, params, backend, call)
