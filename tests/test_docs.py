@@ -177,9 +177,13 @@ def public_api():
     """The functions and methods docs/api.md documents, by name."""
     import vflow
     from vflow import ops, transforms
+    from vflow.data import load_dataset
+    from vflow.evaluate import save_grid
     from vflow.models import FlowPlusPlus, VFlow
+    from vflow.train import load_run_model
 
     api = {"vflow.build": vflow.build, "vflow.load": vflow.load}
+    api.update(load_run_model=load_run_model, load_dataset=load_dataset, save_grid=save_grid)
     for cls in (FlowPlusPlus, VFlow):
         for name in (
             "__init__",

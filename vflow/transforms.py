@@ -462,9 +462,13 @@ class MixLogisticCoupling1d(nn.Module):
         return MixLogisticCouplingTransform(meta, self.idx_a, self.idx_b)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(y, logdet)``: ``x`` ``(*batch, features)`` through the layer (one fused call),
+        ``logdet`` of shape ``batch``; ``context`` ``(*batch, context)`` if conditional."""
         return self.transform(context).call_and_ladj(x)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(x, logdet)`` with ``forward(x) == y``: one fused Newton inverse; ``logdet`` is
+        the inverse's, minus the forward log-determinant at ``x``."""
         t = self.transform(context)
         y_a, y_b = t._split(y, "y")
         x_b, ladj = t.meta(y_a).inverse_and_ladj(y_b)
