@@ -952,7 +952,7 @@ CONFIGS: dict[str, ModelConfig] = {
 }
 
 
-def build(name: str, backend: str = "auto", **overrides) -> FlowPlusPlus:
+def build(name: str, backend: str = "auto", **overrides: object) -> FlowPlusPlus:
     """Build the named configuration (see ``CONFIGS``); ``overrides`` replace config fields
     (``ModelConfig.with_overrides``: ValueError for an unknown field or a bad value)."""
     if name not in CONFIGS:

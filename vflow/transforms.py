@@ -53,6 +53,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +61,11 @@ from torch.distributions import Transform, constraints
 
 from vflow import ops
 from vflow.reference import SMOOTH_EPS
+
+if TYPE_CHECKING:  # optional integrations, imported only by the adapters that use them
+    from pyro.distributions.conditional import ConditionalTransformModule
+    from zuko.flows import Flow
+    from zuko.lazy import LazyTransform
 
 __all__ = [
     "MixLogisticCDFTransform",
@@ -107,7 +113,9 @@ class MixLogisticCDFTransform(Transform):
         event_dim: how many trailing dimensions of ``x`` form one event; the log-determinant
             is summed over them (0: elementwise, as torch's univariate transforms).
         backend: the ``vflow.ops`` backend ("auto", "cpp", "triton", "reference").
-        method, max_iters: the inverse solver of ``vflow.ops.mixlogistic_coupling_inverse``.
+        method: the inverse solver of ``vflow.ops.mixlogistic_coupling_inverse``
+            ("newton" or "bisection").
+        max_iters: that solver's iteration budget (None: its default, 100).
         cache_size: torch's transform cache (0 or 1).
 
     ``x`` has shape ``(*xbatch, *event)``; its batch dimensions broadcast against ``params``'
@@ -197,7 +205,7 @@ class MixLogisticCDFTransform(Transform):
         interval = constraints.interval(scale * _LOGIT_LO + shift, scale * _LOGIT_HI + shift)
         return constraints.independent(interval, self.event_ndims)
 
-    def forward_shape(self, shape) -> torch.Size:
+    def forward_shape(self, shape: Sequence[int]) -> torch.Size:
         return torch.broadcast_shapes(torch.Size(shape), self.param_batch_shape + self.event_shape)
 
     inverse_shape = forward_shape
@@ -350,7 +358,10 @@ class MixLogisticCoupling1d(nn.Module):
             conditioned on), False for those transformed (zuko's convention); default
             ``arange(features) % 2 == 1``.
         smooth: VFlow's bounded variant (see ``MixLogisticCDFTransform``); default False.
-        backend, method, max_iters: passed to ``vflow.ops``.
+        activation: the MLP's activation, a module class or factory (default ``nn.ReLU``).
+        backend: the ``vflow.ops`` backend ("auto", "cpp", "triton", "reference").
+        method: the inverse solver ("newton" or "bisection"), passed to ``vflow.ops``.
+        max_iters: that solver's iteration budget (None: its default, 100).
 
     ``forward(x, context=None) -> (y, logdet)`` and ``inverse(y, context=None) -> (x,
     logdet)`` on ``x`` of shape ``(*batch, features)``, ``logdet`` of shape ``batch``.
@@ -451,20 +462,24 @@ class MixLogisticCoupling1d(nn.Module):
         return MixLogisticCouplingTransform(meta, self.idx_a, self.idx_b)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(y, logdet)``: ``x`` ``(*batch, features)`` through the layer (one fused call),
+        ``logdet`` of shape ``batch``; ``context`` ``(*batch, context)`` if conditional."""
         return self.transform(context).call_and_ladj(x)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(x, logdet)`` with ``forward(x) == y``: one fused Newton inverse; ``logdet`` is
+        the inverse's, minus the forward log-determinant at ``x``."""
         t = self.transform(context)
         y_a, y_b = t._split(y, "y")
         x_b, ladj = t.meta(y_a).inverse_and_ladj(y_b)
         return t._merge(y_a, x_b), ladj
 
-    def lazy(self):
+    def lazy(self) -> LazyTransform:
         """This layer as a zuko ``LazyTransform`` (sharing its parameters), for
         ``zuko.flows.Flow``. Needs zuko (``pip install vflow[zuko]``)."""
         return _zuko_lazy_class()(self)
 
-    def pyro(self):
+    def pyro(self) -> ConditionalTransformModule:
         """This layer as a pyro ``ConditionalTransformModule`` (``.condition(context)`` gives
         the Transform), for ``pyro.distributions.ConditionalTransformedDistribution``. Needs
         pyro (``pip install vflow[pyro]``)."""
@@ -523,8 +538,8 @@ def zuko_flow(
     transforms: int = 4,
     components: int = 8,
     hidden: Sequence[int] = (64, 64),
-    **kwargs,
-):
+    **kwargs: Any,
+) -> Flow:
     """A ``zuko.flows.Flow`` of ``transforms`` MoL couplings with alternating checkered masks
     (as zuko's NICE/RealNVP) onto a standard normal ``DiagNormal`` base. ``kwargs`` go to
     ``MixLogisticCoupling1d``. Needs zuko (``pip install vflow[zuko]``)."""
