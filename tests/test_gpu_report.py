@@ -129,15 +129,15 @@ def test_failing_sections_are_recorded(tmp_path):
 
 def test_coupling_bytes_model():
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import gpu_report
+    import _bandwidth
 
     dims = (2, 3, 4, 2, 5)  # B, C, H, W (half), K
     half, params = 2 * 3 * 4 * 2, 2 * 3 * 4 * 2 * 17
-    assert gpu_report.coupling_bytes("forward", dims) == 4 * (2 * half + params)
-    assert gpu_report.coupling_bytes("checkerboard", dims) == 4 * (4 * half + params)
-    assert gpu_report.coupling_bytes("fwdbwd", dims) == 4 * (5 * half + 3 * params)
+    assert _bandwidth.coupling_bytes("forward", dims) == 4 * (2 * half + params)
+    assert _bandwidth.coupling_bytes("checkerboard", dims) == 4 * (4 * half + params)
+    assert _bandwidth.coupling_bytes("fwdbwd", dims) == 4 * (5 * half + 3 * params)
     with pytest.raises(ValueError):
-        gpu_report.coupling_bytes("sideways", dims)
+        _bandwidth.coupling_bytes("sideways", dims)
 
 
 def test_progress_counts_of_an_unfinished_run():
