@@ -178,6 +178,20 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def synced(fn, device):
+    """``fn`` followed by a device synchronisation on CUDA (for timers that do not sync
+    themselves, e.g. pytest-benchmark's); ``fn`` itself elsewhere."""
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
+
+
 def time_ms(fn, device, min_run_time):
     """Median milliseconds per call."""
     if device.type == "cuda":

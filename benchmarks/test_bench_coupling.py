@@ -59,7 +59,7 @@ def test_coupling(benchmark, request, device, shape, mode, provider):
     fn = _providers(mode, device, request.config.getoption("--bench-size"))[provider]
     benchmark.group = f"{shape}-{mode}"
     # the result of the timed calls (compilation happens in pytest-benchmark's calibration)
-    errors = case.errors(benchmark(case.call(fn)))
+    errors = case.errors(benchmark(C.synced(case.call(fn), device)))
     benchmark.extra_info.update(
         max_err=errors["err"], bytes_moved=case.bytes_moved, dims=list(case.dims)
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from types import SimpleNamespace
 
+import coupling as C
 import model_step as M
 import torch
 
@@ -56,7 +57,7 @@ def test_model_step(benchmark, device, config, batch, backend):
         diff = max((g - r).abs().max().item() for g, r in zip(grads, ref, strict=True)) / scale
         benchmark.group = f"model_step-{config}-b{batch}"
         benchmark.extra_info.update(loss_bpd=loss, max_grad_diff_vs_reference=diff)
-        benchmark(step)
+        benchmark(C.synced(step, device))
     finally:
         model.set_backend("reference")
     assert diff <= GRAD_LIMIT, diff

@@ -91,6 +91,20 @@ def test_device_peak_spec_or_measured_copy(monkeypatch):
     assert math.isfinite(gbps) and gbps > 0 and "measured" in source
 
 
+def test_timed_calls_sync_on_cuda_only(monkeypatch):
+    """pytest-benchmark's timer does not sync: the suites time C.synced(call, device)."""
+    log = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append(("sync", device)))
+
+    def call():
+        log.append("call")
+        return 7
+
+    assert C.synced(call, CPU) is call
+    assert C.synced(call, torch.device("cuda"))() == 7
+    assert log == ["call", ("sync", torch.device("cuda"))]
+
+
 @pytest.mark.parametrize("mode", C.MODES)
 def test_kernel_providers_are_the_ops_without_the_op_layer(mode):
     """The bare cpp kernel call gives the public op's results (inverse: also bisection)."""
