@@ -27,9 +27,10 @@ time to stream-read the inputs once (x.sum() + params.sum()), the practical lowe
 
 Kernel-only vs whole op: for each fused provider, ``ms`` is the public op (``vflow.ops``,
 validation, dispatch, custom op, autograd in fwdbwd) and ``kernel ms`` the bare kernel call
-under it (``vflow._C`` / ``vflow.kernels`` functions, timed the same way); ``op/kern`` is
-their ratio, the op layer's cost. ``% peak`` / ``kern %pk``: the bytes the call must move at
-least (``_bandwidth.coupling_bytes``) per second, over the device's peak bandwidth: its spec
+under it (``vflow._C`` / ``vflow.kernels`` functions, timed the same way, alternately with
+the op, median of PAIRED_ROUNDS each); ``op/kern`` is their ratio, the op layer's cost.
+``% peak`` / ``kern %pk``: the bytes the call must move at least
+(``_bandwidth.coupling_bytes``) per second, over the device's peak bandwidth: its spec
 (table by ``torch.cuda.get_device_name()``), or on the CPU and unknown devices the measured
 bandwidth of a large copy; the header line says which. On CUDA the default shapes add
 ``cifar_b256``, where launch overhead is small next to the kernels.
@@ -42,6 +43,7 @@ import importlib
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -89,6 +91,7 @@ def shapes_for(size, device) -> list[str]:
 
 
 SMOOTH = True
+PAIRED_ROUNDS = 3  # op and bare-kernel timings, alternated
 INV_EAGER_ITERS = 60
 
 
@@ -337,11 +340,17 @@ def bench_mode(mode, shape, providers, device, dtype, min_run_time, kernels=None
     for name, fn in providers.items():
         call = case.call(fn)
         row = dict(provider=name, **case.errors(call()))
-        row["ms"] = time_ms(call, device, min_run_time)
-        row["gbps"] = gbps(case.bytes_moved, row["ms"])
-        if kernels and name in kernels:
-            row["kernel_ms"] = time_ms(case.call(kernels[name]), device, min_run_time)
+        if kernels and name in kernels:  # alternately, so that a slow period hits both
+            kcall = case.call(kernels[name])
+            pairs = [
+                (time_ms(call, device, min_run_time), time_ms(kcall, device, min_run_time))
+                for _ in range(PAIRED_ROUNDS)
+            ]
+            row["ms"], row["kernel_ms"] = (statistics.median(t) for t in zip(*pairs, strict=True))
             row["kernel_gbps"] = gbps(case.bytes_moved, row["kernel_ms"])
+        else:
+            row["ms"] = time_ms(call, device, min_run_time)
+        row["gbps"] = gbps(case.bytes_moved, row["ms"])
         row["peak_extra_bytes"] = peak_extra_bytes(call, device)
         rows.append(row)
     base = {r["provider"]: r["ms"] for r in rows}

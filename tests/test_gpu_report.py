@@ -87,10 +87,13 @@ def test_dry_run_writes_every_section(tmp_path):
     assert {c["mode"] for c in cases} == {"forward", "fwdbwd", "inverse", "checkerboard"}
     for case in cases:
         providers = {r["provider"] for r in case["rows"]}
-        assert "eager" in providers
+        assert "eager" in providers and "cpp" in providers
         for row in case["rows"]:
             assert _finite_positive(row["ms"]) and _finite_positive(row["gbps"])
             assert row["err"] < 1e-2, (case["mode"], row)
+            if row["provider"].startswith("cpp"):  # the bare kernel timed beside the op
+                assert _finite_positive(row["kernel_ms"]) and _finite_positive(row["kernel_gbps"])
+    assert "| kernel ms |" in md
 
     for heading in ("## Sections", "## Tests", "## Training step", "## Sampling", "## Coupling"):
         assert heading in md
