@@ -1,6 +1,6 @@
 """Benchmark of the MoL coupling: eager reference vs torch.compile(reference) vs fused kernels.
 
-    python benchmarks/coupling.py [--quick] [--json PATH] [--no-compile]
+    python benchmarks/coupling.py [--quick] [--json PATH] [--no-compile] [--shapes cifar_b256]
 
 All providers run side by side in ONE process on the same inputs (timings on shared
 machines drift by 2x between runs: compare ratios within a run). Modes:
@@ -24,18 +24,31 @@ triton.testing.do_bench on CUDA. Errors are max abs errors against the float64 r
 allocated inside the timed call (torch.profiler memory events on CPU, max_memory_allocated on
 CUDA), inputs excluded, outputs and autograd-saved tensors included. ``floor_ms`` is the
 time to stream-read the inputs once (x.sum() + params.sum()), the practical lower bound.
+
+Kernel-only vs whole op: for each fused provider, ``ms`` is the public op (``vflow.ops``,
+validation, dispatch, custom op, autograd in fwdbwd) and ``kernel ms`` the bare kernel call
+under it (``vflow._C`` / ``vflow.kernels`` functions, timed the same way, alternately with
+the op, median of PAIRED_ROUNDS each); ``op/kern`` is their ratio, the op layer's cost.
+``% peak`` / ``kern %pk``: the bytes the call must move at least
+(``_bandwidth.coupling_bytes``) per second, over the device's peak bandwidth: its spec
+(table by ``torch.cuda.get_device_name()``), or on the CPU and unknown devices the measured
+bandwidth of a large copy; the header line says which. On CUDA the default shapes add
+``cifar_b256``, where launch overhead is small next to the kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
 import torch
+from _bandwidth import coupling_bytes, device_peak, gbps
 
 from vflow import reference as R
 
@@ -51,11 +64,34 @@ SHAPES = {
     "k4": (32, 6, 32, 32, 4, "Flow++ ImageNet64 style: 12x32x32 after squeeze, channel half, K=4"),
     "tiny": (1, 3, 4, 4, 4, "tiny B=1 3x4x4, K=4 (launch/dispatch overhead)"),
 }
+LARGE_SHAPES = {  # launch overhead is small next to the kernel: the bandwidth rows
+    "cifar_b256": (256, 3, 32, 16, 32, "Flow++ CIFAR-10 shape at batch 256 (150 MB params)"),
+}
 QUICK_SHAPES = {
     "vflow16_b8": (8, 12, 16, 8, 32, "VFlow 16x16 scale at batch 8, K=32"),
     "tiny": SHAPES["tiny"],
 }
+ALL_SHAPES = {**SHAPES, **LARGE_SHAPES, **QUICK_SHAPES}
+# The shape sets of --size (and of the pytest-benchmark suite's --bench-size)
+SIZES = {
+    "tiny": ["tiny"],
+    "quick": list(QUICK_SHAPES),
+    "full": list(SHAPES) + list(LARGE_SHAPES),
+}
+MODES = ("forward", "fwdbwd", "inverse", "checkerboard")
+
+
+def shapes_for(size, device) -> list[str]:
+    """The shape names of ``size`` (SIZES) on ``device``: the large shapes only on CUDA (on the
+    CPU their eager rows take minutes; name them with --shapes to run them anyway)."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
+    on_cuda = torch.device(device).type == "cuda"
+    return [s for s in SIZES[size] if on_cuda or s not in LARGE_SHAPES]
+
+
 SMOOTH = True
+PAIRED_ROUNDS = 3  # op and bare-kernel timings, alternated
 INV_EAGER_ITERS = 60
 
 
@@ -73,7 +109,8 @@ def _cpp_available(device) -> bool:
 
 
 def _triton_available(device) -> bool:
-    return device.type == "cuda" and OPS is not None and "triton" in OPS.available_backends(device)
+    """CUDA, or the CPU under TRITON_INTERPRET=1 (set before triton is imported)."""
+    return OPS is not None and "triton" in OPS.available_backends(device)
 
 
 class _RawFused(torch.autograd.Function):
@@ -142,6 +179,20 @@ def eager_inverse(y, p):
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def synced(fn, device):
+    """``fn`` followed by a device synchronisation on CUDA (for timers that do not sync
+    themselves, e.g. pytest-benchmark's); ``fn`` itself elsewhere."""
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
 
 
 def time_ms(fn, device, min_run_time):
@@ -228,54 +279,97 @@ def loss_grads(fn, x, p, gy, gl):
     return x.grad, p.grad
 
 
-def bench_mode(mode, shape, providers, device, dtype, min_run_time):
-    full = mode == "checkerboard"
-    (x64, p64, gy64, gl64), (x, p, gy, gl) = make_case(shape, device, dtype, full_image=full)
-    input_bytes = x.numel() * x.element_size() + p.numel() * p.element_size()
+class Case:
+    """The inputs and float64 reference of one (mode, shape). Every provider of ``mode``
+    (``providers_for``, ``kernel_providers_for``) is called as ``fn(*case.inputs)``:
+    forward / checkerboard ``fn(x, params) -> (y, logdet)``, inverse ``fn(y, params) -> (x,
+    logdet)``, fwdbwd ``fn(x, params, dy, dlogdet) -> (dx, dparams)``."""
+
+    def __init__(self, mode, shape, device, dtype, seed=0):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode, self.dims = mode, tuple(shape[:5])
+        (x64, p64, gy64, gl64), (x, p, gy, gl) = make_case(
+            shape, device, dtype, full_image=mode == "checkerboard", seed=seed
+        )
+        self.x64, self.params = x64, p
+        self.input_bytes = x.numel() * x.element_size() + p.numel() * p.element_size()
+        self.bytes_moved = coupling_bytes(mode, self.dims, x.element_size())
+        with torch.no_grad():
+            if mode == "forward":
+                self.inputs, self.ref = (x, p), eager_forward(x64, p64)
+            elif mode == "checkerboard":
+                self.inputs, self.ref = (x, p), eager_checker(x64, p64)
+            elif mode == "inverse":
+                self.inputs, self.ref = (eager_forward(x64, p64)[0].to(dtype), p), None
+        if mode == "fwdbwd":
+            self.inputs = (x, p, gy, gl)
+            self.ref = loss_grads(eager_forward, x64, p64, gy64, gl64)
+
+    def call(self, fn):
+        """``fn`` on this case's inputs as a zero-argument callable (autograd off except in
+        fwdbwd, so that forward-only calls save nothing for backward)."""
+        grad = self.mode == "fwdbwd"
+
+        def run():
+            with torch.set_grad_enabled(grad):
+                return fn(*self.inputs)
+
+        return run
+
+    def errors(self, out) -> dict:
+        """``err``: max abs error against float64 (fwdbwd: over dx and dparams; inverse: the
+        reconstruction |x_hat - x|); inverse also ``y_err`` (inverse_backward_error)."""
+        if self.mode != "inverse":
+            return dict(err=max_err(out, self.ref))
+        x_hat = out[0].detach()
+        y = self.inputs[0]
+        return dict(
+            err=(x_hat.double() - self.x64).abs().max().item(),
+            y_err=inverse_backward_error(x_hat, y, self.params),
+        )
+
+
+def bench_mode(mode, shape, providers, device, dtype, min_run_time, kernels=None):
+    """Time every provider on one case. ``kernels``: name -> the bare kernel call of the
+    provider of that name (kernel_providers_for), timed beside it (``kernel_ms``)."""
+    case = Case(mode, shape, device, dtype)
+    x, p = case.inputs[0], case.params
     floor = time_ms(lambda: (x.sum(), p.sum()), device, min_run_time)
     rows = []
-    if mode in ("forward", "checkerboard"):
-        ref_fn = eager_checker if full else eager_forward
-        with torch.no_grad():
-            ref = ref_fn(x64, p64)
-        for name, fn in providers.items():
-            call = lambda fn=fn: fn(x, p)  # noqa: E731
-            with torch.no_grad():
-                err = max_err(call(), ref)
-                ms = time_ms(call, device, min_run_time)
-                mem = peak_extra_bytes(call, device)
-            rows.append(dict(provider=name, ms=ms, err=err, peak_extra_bytes=mem))
-    elif mode == "fwdbwd":
-        ref = loss_grads(eager_forward, x64, p64, gy64, gl64)
-        for name, fn in providers.items():
-            call = lambda fn=fn: loss_grads(fn, x, p, gy, gl)  # noqa: E731
-            err = max_err(call(), ref)
-            ms = time_ms(call, device, min_run_time)
-            mem = peak_extra_bytes(call, device)
-            rows.append(dict(provider=name, ms=ms, err=err, peak_extra_bytes=mem))
-    elif mode == "inverse":
-        with torch.no_grad():
-            y = eager_forward(x64, p64)[0].to(dtype)
-        for name, fn in providers.items():
-            call = lambda fn=fn: fn(y, p)  # noqa: E731
-            with torch.no_grad():
-                x_hat = call()[0]
-                err = (x_hat.double() - x64).abs().max().item()
-                y_err = inverse_backward_error(x_hat, y, p)
-                ms = time_ms(call, device, min_run_time)
-                mem = peak_extra_bytes(call, device)
-            rows.append(dict(provider=name, ms=ms, err=err, y_err=y_err, peak_extra_bytes=mem))
+    for name, fn in providers.items():
+        call = case.call(fn)
+        row = dict(provider=name, **case.errors(call()))
+        if kernels and name in kernels:  # alternately, so that a slow period hits both
+            kcall = case.call(kernels[name])
+            pairs = [
+                (time_ms(call, device, min_run_time), time_ms(kcall, device, min_run_time))
+                for _ in range(PAIRED_ROUNDS)
+            ]
+            row["ms"], row["kernel_ms"] = (statistics.median(t) for t in zip(*pairs, strict=True))
+            row["kernel_gbps"] = gbps(case.bytes_moved, row["kernel_ms"])
+        else:
+            row["ms"] = time_ms(call, device, min_run_time)
+        row["gbps"] = gbps(case.bytes_moved, row["ms"])
+        row["peak_extra_bytes"] = peak_extra_bytes(call, device)
+        rows.append(row)
     base = {r["provider"]: r["ms"] for r in rows}
     for r in rows:
         r["speedup_vs_eager"] = base["eager"] / r["ms"] if "eager" in base else None
         r["speedup_vs_compile"] = base["compile"] / r["ms"] if "compile" in base else None
         r["extra_over_input"] = (
-            r["peak_extra_bytes"] / input_bytes if r["peak_extra_bytes"] is not None else None
+            r["peak_extra_bytes"] / case.input_bytes if r["peak_extra_bytes"] is not None else None
         )
-    case = dict(mode=mode, floor_ms=floor, input_bytes=input_bytes, rows=rows)
+    out = dict(
+        mode=mode,
+        floor_ms=floor,
+        input_bytes=case.input_bytes,
+        bytes_moved=case.bytes_moved,
+        rows=rows,
+    )
     if mode == "inverse":
-        case["newton_iterations"] = newton_iteration_stats(y, p, kernel_lanes(y.dtype))
-    return case
+        out["newton_iterations"] = newton_iteration_stats(case.inputs[0], p, kernel_lanes(x.dtype))
+    return out
 
 
 def inverse_backward_error(x_hat, y, p):
@@ -310,24 +404,24 @@ def newton_iteration_stats(y, p, lanes):
     )
 
 
+def _grads_of(forward):
+    """The fwdbwd provider of a forward provider: (x, params, dy, dlogdet) -> (dx, dparams)."""
+    return lambda x, p, gy, gl: loss_grads(forward, x, p, gy, gl)
+
+
 def providers_for(mode, device, use_compile):
-    prov = {}
-    if mode == "forward":
-        prov["eager"] = eager_forward
-        if use_compile:
-            prov["compile"] = torch.compile(eager_forward, dynamic=False)
-    elif mode == "fwdbwd":
-        prov["eager"] = eager_forward
-        if use_compile:
-            prov["compile"] = torch.compile(eager_forward, dynamic=False)
-    elif mode == "checkerboard":
-        prov["eager"] = eager_checker
-        if use_compile:
-            prov["compile"] = torch.compile(eager_checker, dynamic=False)
-    elif mode == "inverse":
-        prov["eager"] = (
-            eager_inverse  # 60-step bisection; compiling 60 unrolled steps is impractical
-        )
+    """name -> the provider of ``mode`` (the Case signature): ``eager`` (vflow.reference),
+    ``compile`` (torch.compile of it) and, where they run, the public fused ops (``cpp``,
+    ``triton``; for inverse also the bisection ``-bisect``), with autograd in fwdbwd."""
+    eager = {
+        "forward": eager_forward,
+        "fwdbwd": eager_forward,
+        "checkerboard": eager_checker,
+        "inverse": eager_inverse,  # 60-step bisection; compiling 60 unrolled steps is impractical
+    }[mode]
+    prov = {"eager": eager}
+    if use_compile and mode != "inverse":
+        prov["compile"] = torch.compile(eager, dynamic=False)
     fused = {
         "forward": fused_forward,
         "fwdbwd": fused_forward,
@@ -339,7 +433,43 @@ def providers_for(mode, device, use_compile):
             prov[backend] = fused(backend)
             if mode == "inverse":
                 prov[f"{backend}-bisect"] = fused(backend, method="bisection")
+    if mode == "fwdbwd":
+        prov = {name: _grads_of(fn) for name, fn in prov.items()}
     return prov
+
+
+def _bare_module(backend):
+    """The kernels under the op layer: vflow._C (cpp) or vflow.kernels (triton)."""
+    return importlib.import_module("vflow._C" if backend == "cpp" else "vflow.kernels")
+
+
+def kernel_providers_for(mode, device):
+    """name -> the bare kernel call under the fused provider of that name (the Case
+    signature): the C++ function of vflow._C or the Triton launcher of vflow.kernels, with no
+    op layer (validation, dispatch, custom-op, autograd) around it. fwdbwd is the forward
+    kernel then the backward kernel."""
+    pattern = R.CHECKERBOARD if mode == "checkerboard" else R.PLAIN
+    out = {}
+    for backend, usable in (("cpp", _cpp_available), ("triton", _triton_available)):
+        if not usable(device):
+            continue
+        K = _bare_module(backend)
+        if mode in ("forward", "checkerboard"):
+            out[backend] = lambda x, p, K=K: K.coupling_fwd(x, p, SMOOTH, pattern, 0)
+        elif mode == "fwdbwd":
+
+            def fwdbwd(x, p, gy, gl, K=K):
+                K.coupling_fwd(x, p, SMOOTH, pattern, 0)
+                return K.coupling_bwd(x, p, gy, gl, SMOOTH, pattern, 0, False)
+
+            out[backend] = fwdbwd
+        else:
+            for suffix, newton in (("", True), ("-bisect", False)):
+                iters = OPS.DEFAULT_MAX_ITERS["newton" if newton else "bisection"]
+                out[backend + suffix] = lambda y, p, K=K, i=iters, n=newton: K.coupling_inv(
+                    y, p, SMOOTH, pattern, 0, i, n
+                )
+    return out
 
 
 def main(argv=None):
@@ -351,7 +481,17 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    ap.add_argument("--shapes", default=None, help="comma-separated subset of " + ",".join(SHAPES))
+    ap.add_argument(
+        "--shapes",
+        default=None,
+        help="comma-separated subset of "
+        + ",".join(ALL_SHAPES)
+        + " (default: "
+        + ",".join(SHAPES)
+        + ", and on CUDA also "
+        + ",".join(LARGE_SHAPES)
+        + ")",
+    )
     ap.add_argument("--modes", default="forward,fwdbwd,inverse,checkerboard")
     ap.add_argument(
         "--threads",
@@ -365,19 +505,19 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    if args.shapes:
-        shapes = {
-            k: v for k, v in {**SHAPES, **QUICK_SHAPES}.items() if k in args.shapes.split(",")
-        }
+    size = "quick" if args.quick else "full"
+    names = args.shapes.split(",") if args.shapes else shapes_for(size, device)
+    shapes = {k: ALL_SHAPES[k] for k in names}
     modes = args.modes.split(",")
     min_run_time = 0.1 if args.quick else 1.0
     use_compile = not args.no_compile
     torch.manual_seed(0)
+    peak, peak_source = device_peak(device, 64 if args.quick else 512)
 
     results = dict(
         meta=dict(
             device=str(device),
+            device_name=_device_name(device),
             dtype=args.dtype,
             torch=torch.__version__,
             threads=torch.get_num_threads(),
@@ -385,24 +525,34 @@ def main(argv=None):
             ops_api=OPS is not None,
             quick=args.quick,
             isa=_isa(),
+            peak_gbps=peak,
+            peak_source=peak_source,
         ),
         cases=[],
     )
     print(
-        f"# device={device} dtype={args.dtype} threads={torch.get_num_threads()}"
-        f" torch={torch.__version__} kernels={results['meta']['isa']}"
+        f"# device={device} ({results['meta']['device_name']}) dtype={args.dtype}"
+        f" threads={torch.get_num_threads()} torch={torch.__version__}"
+        f" kernels={results['meta']['isa']}"
     )
-    hdr = (
-        f"{'shape':<11}{'mode':<13}{'provider':<13}{'ms':>10}{'x eager':>9}{'x compile':>10}"
-        f"{'max err':>10}{'extra/in':>9}{'floor ms':>9}"
+    print(
+        f"# % peak: GB/s of the bytes the call must move at least, over {peak:.1f} GB/s "
+        f"({peak_source}); ms = the public op (with autograd in fwdbwd), kernel ms = the bare "
+        "kernel call under it"
     )
-    print(hdr)
-    print("-" * len(hdr))
+    print(HEADER)
+    print("-" * len(HEADER))
     for sname, shape in shapes.items():
         for mode in modes:
             t0 = time.perf_counter()
             case = bench_mode(
-                mode, shape, providers_for(mode, device, use_compile), device, dtype, min_run_time
+                mode,
+                shape,
+                providers_for(mode, device, use_compile),
+                device,
+                dtype,
+                min_run_time,
+                kernels=kernel_providers_for(mode, device),
             )
             case.update(
                 shape=sname,
@@ -412,14 +562,7 @@ def main(argv=None):
             )
             results["cases"].append(case)
             for r in case["rows"]:
-                se = f"{r['speedup_vs_eager']:.2f}" if r["speedup_vs_eager"] else "-"
-                sc = f"{r['speedup_vs_compile']:.2f}" if r["speedup_vs_compile"] else "-"
-                eo = f"{r['extra_over_input']:.2f}" if r["extra_over_input"] is not None else "-"
-                ye = f"  y err {r['y_err']:.1e}" if "y_err" in r else ""
-                print(
-                    f"{sname:<11}{mode:<13}{r['provider']:<13}{r['ms']:>10.3f}{se:>9}{sc:>10}"
-                    f"{r['err']:>10.1e}{eo:>9}{case['floor_ms']:>9.3f}{ye}"
-                )
+                print(format_row(sname, mode, r, case["floor_ms"], peak))
             if "newton_iterations" in case:
                 it = case["newton_iterations"]
                 print(
@@ -434,6 +577,38 @@ def main(argv=None):
             json.dump(results, f, indent=1)
         print(f"wrote {args.json}")
     return results
+
+
+HEADER = (
+    f"{'shape':<11}{'mode':<13}{'provider':<13}{'ms':>10}{'kernel ms':>10}{'op/kern':>8}"
+    f"{'x eager':>9}{'x compile':>10}{'max err':>10}{'% peak':>8}{'kern %pk':>9}"
+    f"{'extra/in':>9}{'floor ms':>9}"
+)
+
+
+def format_row(sname, mode, r, floor_ms, peak_gbps) -> str:
+    """One line of the table under HEADER ("-" where a column does not apply)."""
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    kms = r.get("kernel_ms")
+    kgbps = r.get("kernel_gbps")
+    ye = f"  y err {r['y_err']:.1e}" if "y_err" in r else ""
+    return (
+        f"{sname:<11}{mode:<13}{r['provider']:<13}{r['ms']:>10.3f}{f(kms, '.3f'):>10}"
+        f"{f(r['ms'] / kms if kms else None, '.2f'):>8}"
+        f"{f(r.get('speedup_vs_eager'), '.2f'):>9}{f(r.get('speedup_vs_compile'), '.2f'):>10}"
+        f"{r['err']:>10.1e}{f(100 * r['gbps'] / peak_gbps, '.2f'):>8}"
+        f"{f(100 * kgbps / peak_gbps if kgbps else None, '.2f'):>9}"
+        f"{f(r.get('extra_over_input'), '.2f'):>9}{floor_ms:>9.3f}{ye}"
+    )
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
 
 
 def _isa():

@@ -37,10 +37,10 @@ coupling's ``tiny`` shape, a two-test selection of the test file run under Trito
 interpreter, no torch.compile unless ``--compile``) in well under a minute of compute; CI runs
 it (tests/test_gpu_report.py).
 
-Bandwidth model of the coupling rows (float32 bytes, B x C x H x W the transformed half):
-forward and checkerboard read x and params and write y; inverse reads y and params and writes
-x; fwd+bwd is the forward plus a backward that reads x, params and dy and writes dx and dparams.
-``% peak`` is that over the spec bandwidth (the measured copy bandwidth where no spec is known).
+Bandwidth model of the coupling rows: ``_bandwidth.coupling_bytes`` (each tensor the call
+must read or write counted once). ``% peak`` is GB/s over the spec bandwidth (``_bandwidth``'s
+table by device name, else memory clock x bus width), over the measured copy where no spec is
+known. ``kernel ms`` is the bare kernel call under the op (``coupling.kernel_providers_for``).
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # vflow from this checkout, also when it is not pip-installed
     sys.path.insert(0, str(ROOT))
+if str(HERE) not in sys.path:  # coupling.py, _bandwidth.py, model_step.py
+    sys.path.insert(0, str(HERE))
+
+from _bandwidth import copy_gbps, spec_peak  # noqa: E402
 
 
 def _child_env(device: str) -> dict:
@@ -96,7 +100,7 @@ GPU = dict(
     repeats=5,
     sample_n=64,
     sample_repeats=2,
-    coupling_shapes=["cifar", "vflow16", "k4"],
+    coupling_shapes=["cifar", "vflow16", "k4", "cifar_b256"],
     coupling_modes=["forward", "fwdbwd", "inverse", "checkerboard"],
     coupling_min_run_time=0.2,
     compile=True,
@@ -150,29 +154,6 @@ DRY = dict(
     total_budget=1500,
     reserve=20,
 )
-
-# Spec memory bandwidth (GB/s) of devices whose properties lack memory clock / bus width.
-KNOWN_PEAK_GBPS = {
-    "H200": 4800,
-    "H100 SXM": 3350,
-    "H100 PCIe": 2000,
-    "H100": 3350,
-    "GH200": 4000,
-    "B200": 8000,
-    "A100-SXM4-80GB": 2039,
-    "A100 80GB PCIe": 1935,
-    "A100": 1555,
-    "L40S": 864,
-    "L40": 864,
-    "L4": 300,
-    "A10G": 600,
-    "A10": 600,
-    "RTX 4090": 1008,
-    "RTX 3090": 936,
-    "V100": 900,
-    "T4": 320,
-}
-
 
 # ============================================================================ sections (child)
 
@@ -262,40 +243,13 @@ def section_environment(s: dict, out: Partial) -> None:
             total_memory_gb=p.total_memory / 1e9,
             multiprocessors=p.multi_processor_count,
         )
-        clock_khz = getattr(p, "memory_clock_rate", None)
-        bus_bits = getattr(p, "memory_bus_width", None)
-        if clock_khz and bus_bits:  # double data rate
-            info["peak_gbps_spec"] = 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
-            info["peak_source"] = "memory clock x bus width (device properties)"
-        else:
-            for key, gbps in KNOWN_PEAK_GBPS.items():
-                if key.lower() in p.name.lower():
-                    info["peak_gbps_spec"] = float(gbps)
-                    info["peak_source"] = f"table entry {key!r}"
-                    break
+        spec = spec_peak(device)
+        if spec:
+            info["peak_gbps_spec"], info["peak_source"] = spec
     else:
         info["name"] = platform.processor() or platform.machine()
     out.update(**info)
-    out.update(copy_gbps=_copy_bandwidth(device, s["copy_mb"]))
-
-
-def _copy_bandwidth(device, mb: int) -> float:
-    """Measured bandwidth (GB/s, bytes read + written) of a large on-device copy."""
-    import torch
-
-    n = mb * 2**20 // 4
-    a = torch.ones(n, device=device)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    _sync(device)
-    times = []
-    for _ in range(5):
-        _sync(device)
-        t0 = time.perf_counter()
-        b.copy_(a)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * a.numel() * 4 / min(times) / 1e9
+    out.update(copy_gbps=copy_gbps(device, s["copy_mb"]))
 
 
 def section_tests(s: dict, out: Partial) -> None:
@@ -651,24 +605,6 @@ def section_sample(s: dict, out: Partial) -> None:
     )
 
 
-def coupling_bytes(mode: str, dims, itemsize: int = 4) -> int:
-    """The bytes a coupling call must move at least (see the module docstring)."""
-    b, c, h, w, k = dims
-    half = b * c * h * w
-    params = half * (2 + 3 * k)
-    if mode == "forward":
-        n = 2 * half + params
-    elif mode == "checkerboard":
-        n = 2 * (2 * half) + params
-    elif mode == "inverse":
-        n = 2 * half + params
-    elif mode == "fwdbwd":
-        n = (2 * half + params) + (3 * half + 2 * params)
-    else:
-        raise ValueError(mode)
-    return n * itemsize
-
-
 def section_coupling(s: dict, out: Partial) -> None:
     import torch
 
@@ -678,7 +614,7 @@ def section_coupling(s: dict, out: Partial) -> None:
     device = torch.device(s["device"])
     dtype = torch.float32
     torch.manual_seed(0)
-    shapes = {**C.SHAPES, **C.QUICK_SHAPES}
+    shapes = C.ALL_SHAPES
     cases, skipped = [], []
     t_start = time.perf_counter()
     out.update(compile=s["compile"], cases=cases, skipped=skipped)
@@ -690,15 +626,18 @@ def section_coupling(s: dict, out: Partial) -> None:
                 continue
             t0 = time.perf_counter()
             shape = shapes[sname]
-            providers = C.providers_for(mode, device, s["compile"])
-            case = C.bench_mode(mode, shape, providers, device, dtype, s["coupling_min_run_time"])
-            nbytes = coupling_bytes(mode, shape[:5])
-            for row in case["rows"]:
-                row["gbps"] = nbytes / (row["ms"] * 1e-3) / 1e9
+            case = C.bench_mode(
+                mode,
+                shape,
+                C.providers_for(mode, device, s["compile"]),
+                device,
+                dtype,
+                s["coupling_min_run_time"],
+                kernels=C.kernel_providers_for(mode, device),
+            )
             case.update(
                 shape=sname,
                 dims=list(shape[:5]),
-                bytes_moved=nbytes,
                 floor_gbps=case["input_bytes"] / (case["floor_ms"] * 1e-3) / 1e9,
                 seconds=time.perf_counter() - t0,
             )
@@ -986,21 +925,25 @@ def markdown(report: dict) -> str:
         lines += [
             "## Coupling kernels",
             "",
-            f"torch.compile: {'on' if r.get('compile') else 'off'}. GB/s: the bytes a call must "
-            "move at least over its time; % peak against "
+            f"torch.compile: {'on' if r.get('compile') else 'off'}. ms: the public op (with "
+            "autograd in fwdbwd); kernel ms: the bare kernel call under it (no op layer). GB/s: "
+            "the bytes a call must move at least over its time; % peak against "
             + ("the spec bandwidth." if env.get("peak_gbps_spec") else "the measured copy."),
             "",
-            "| shape | mode | provider | ms | x eager | x compile | max err | GB/s | % peak |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| shape | mode | provider | ms | kernel ms | x eager | x compile | max err | GB/s "
+            "| % peak | kernel % peak |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for case in r["cases"]:
             for row in case["rows"]:
                 pct = 100 * row["gbps"] / peak if peak else None
+                kpct = 100 * row["kernel_gbps"] / peak if peak and "kernel_gbps" in row else None
                 lines.append(
                     f"| {case['shape']} | {case['mode']} | {row['provider']} | "
-                    f"{_f(row['ms'], '.3f')} | {_f(row.get('speedup_vs_eager'), '.2f')} | "
+                    f"{_f(row['ms'], '.3f')} | {_f(row.get('kernel_ms'), '.3f')} | "
+                    f"{_f(row.get('speedup_vs_eager'), '.2f')} | "
                     f"{_f(row.get('speedup_vs_compile'), '.2f')} | {_f(row['err'], '.1e')} | "
-                    f"{_g(row['gbps'])} | {_g(pct)} |"
+                    f"{_g(row['gbps'])} | {_g(pct)} | {_g(kpct)} |"
                 )
         if r.get("skipped"):
             lines += ["", f"Skipped (time limit): {', '.join(r['skipped'])}."]

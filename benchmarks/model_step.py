@@ -83,6 +83,12 @@ CATEGORIES = (
 )
 BATCH = {"vflow-digits": 64, "flowpp-digits": 64}
 DEFAULT_BATCH = 8
+# (config, batch) of each size of the pytest-benchmark suite (test_bench_model_step.py)
+BENCH_SIZES = {
+    "tiny": [("vflow-digits", 4)],
+    "quick": [("vflow-digits", 64)],
+    "full": [("vflow-digits", 64), ("vflow-cifar10", DEFAULT_BATCH)],
+}
 
 
 def _fused_backend(device: str) -> str | None:

@@ -87,10 +87,13 @@ def test_dry_run_writes_every_section(tmp_path):
     assert {c["mode"] for c in cases} == {"forward", "fwdbwd", "inverse", "checkerboard"}
     for case in cases:
         providers = {r["provider"] for r in case["rows"]}
-        assert "eager" in providers
+        assert "eager" in providers and "cpp" in providers
         for row in case["rows"]:
             assert _finite_positive(row["ms"]) and _finite_positive(row["gbps"])
             assert row["err"] < 1e-2, (case["mode"], row)
+            if row["provider"].startswith("cpp"):  # the bare kernel timed beside the op
+                assert _finite_positive(row["kernel_ms"]) and _finite_positive(row["kernel_gbps"])
+    assert "| kernel ms |" in md
 
     for heading in ("## Sections", "## Tests", "## Training step", "## Sampling", "## Coupling"):
         assert heading in md
@@ -129,15 +132,15 @@ def test_failing_sections_are_recorded(tmp_path):
 
 def test_coupling_bytes_model():
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import gpu_report
+    import _bandwidth
 
     dims = (2, 3, 4, 2, 5)  # B, C, H, W (half), K
     half, params = 2 * 3 * 4 * 2, 2 * 3 * 4 * 2 * 17
-    assert gpu_report.coupling_bytes("forward", dims) == 4 * (2 * half + params)
-    assert gpu_report.coupling_bytes("checkerboard", dims) == 4 * (4 * half + params)
-    assert gpu_report.coupling_bytes("fwdbwd", dims) == 4 * (5 * half + 3 * params)
+    assert _bandwidth.coupling_bytes("forward", dims) == 4 * (2 * half + params)
+    assert _bandwidth.coupling_bytes("checkerboard", dims) == 4 * (4 * half + params)
+    assert _bandwidth.coupling_bytes("fwdbwd", dims) == 4 * (5 * half + 3 * params)
     with pytest.raises(ValueError):
-        gpu_report.coupling_bytes("sideways", dims)
+        _bandwidth.coupling_bytes("sideways", dims)
 
 
 def test_progress_counts_of_an_unfinished_run():
