@@ -7,6 +7,7 @@ their eager oracle in ``vflow.reference``, and a complete VFlow model built on t
 __version__ = "0.1.0"
 
 from vflow import transforms  # noqa: E402  (the fused coupling as torch Transforms)
+from vflow.compile import compile_regions  # noqa: E402  (regional torch.compile)
 from vflow.models import build  # noqa: E402
 
 
@@ -23,4 +24,4 @@ def load(path: str, *, ema: bool = True, device: str = "cpu", backend: str | Non
     return load_run_model(path, device=device, use_ema=ema, backend=backend)[0]
 
 
-__all__ = ["build", "load", "transforms", "__version__"]
+__all__ = ["build", "compile_regions", "load", "transforms", "__version__"]

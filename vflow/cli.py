@@ -33,6 +33,7 @@ import os
 import sys
 
 from vflow import __version__
+from vflow.compile import COMPILE_MODES
 
 EVAL_SAMPLES = {"digits": 64, "cifar10": 4096, "imagenet32": 1024, "imagenet64": 1024}
 
@@ -284,9 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--compile",
-        action=argparse.BooleanOptionalAction,
-        help="torch.compile the training objective (the first step compiles for minutes)"
+        nargs="?",
+        const="regional",
+        choices=COMPILE_MODES,
+        help="torch.compile the training step on its first step: 'regional' (a bare "
+        "--compile) compiles each repeated network block once per shape and reuses it "
+        "across the model's instances; 'elbo' compiles the whole objective as one graph "
+        "(faster steps on small models, far longer compilation on large ones)"
         + KEEP.format(d="off"),
+    )
+    t.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_const",
+        const="off",
+        help="same as --compile off (a resumed compiled run then trains eagerly)",
     )
     t.add_argument(
         "--activation-checkpointing",

@@ -77,6 +77,7 @@ from .checkpoints import (  # noqa: F401  (re-exported: the trainer's public nam
     seed_everything,
     set_rng_state,
 )
+from .compile import compile_mode, compile_options, compile_regions
 from .data import BatchStream, _gen, default_dataset_for, load_dataset
 from .distributed import (
     DistInfo,
@@ -138,7 +139,7 @@ class TrainArgs:
     init_batch_size: int | None = None  # images for model.initialize (None: 128 or fewer)
     init_scheme: str | None = None  # model.initialize scheme (None: the model's default)
     channels_last: bool | None = None  # channels_last weights and activations (CPU convs)
-    compile: bool | None = None  # torch.compile the training objective
+    compile: bool | str | None = None  # "regional" (True), "elbo" or "off" (False)
     activation_checkpointing: bool | None = None  # recompute the networks in backward
     cuda_graphs: bool = False  # capture the whole iteration as a CUDA graph (CUDA only)
 
@@ -320,25 +321,26 @@ class _ElboObjective(nn.Module):
 
 
 def compile_objective(fn, device: torch.device | str):
-    """``torch.compile`` a training objective the way ``vflow train --compile`` does.
-
-    On CPU with inductor's C++ wrapper: the generated code then calls its kernels, GEMMs,
-    convolutions and the vflow custom ops from C++ instead of from a Python function, which
-    saves about a tenth of a digits training step. Compilation happens on the first call.
-    """
-    options = {"cpp_wrapper": True} if torch.device(device).type == "cpu" else None
-    return torch.compile(fn, options=options)
+    """``torch.compile`` of a whole training objective, what ``vflow train --compile elbo``
+    does (on CPU with inductor's C++ wrapper, :func:`vflow.compile.compile_options`).
+    Compilation happens on the first call."""
+    return torch.compile(fn, options=compile_options(device))
 
 
 def training_objective(model: nn.Module, args: TrainArgs, info: DistInfo, device) -> nn.Module:
     """``x -> model.elbo(x)`` as a module, wrapped in DistributedDataParallel under DDP and
-    compiled with ``--compile`` (which compiles on the first step)."""
+    compiled with ``--compile`` (on the first step): "regional" compiles the model's
+    repeated network blocks in place (:func:`vflow.compile.compile_regions`), "elbo" the
+    whole objective."""
+    mode = compile_mode(args.compile)
+    if mode == "regional":
+        compile_regions(model, device)
     objective = _ElboObjective(model)
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
+    if mode == "elbo":
         objective = compile_objective(objective, device)
     return objective
 
@@ -664,6 +666,7 @@ class Trainer:
 
     def __init__(self, args: TrainArgs, build_fn=default_build, info: DistInfo | None = None):
         check_init_batch_size(args.init_batch_size)
+        compile_mode(args.compile)  # ValueError for an unknown mode, before any work
         self.info = info = info or DistInfo()
         self.device = training_device(resolve_device(args.device), info)
         self.run_dir = args.out or default_run_dir(args.config)
