@@ -54,7 +54,6 @@ time goes (convolutions, attention, coupling ops, the rest).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import resource
@@ -106,7 +105,6 @@ def _sync(device: str) -> None:
 def _wrap_nets(model, variant: str) -> None:
     """Apply torch.compile / bf16 autocast to every conditioning and context network, or
     regional compilation to the model's residual blocks."""
-    import torch
 
     from vflow.nets import ContextNet, CouplingNet
 
@@ -115,21 +113,14 @@ def _wrap_nets(model, variant: str) -> None:
 
         compile_regions(model)
         return
-    nets = [m for m in model.modules() if isinstance(m, (CouplingNet, ContextNet))]
-    for net in nets:
-        if variant == "fused+compile":
+    if variant == "fused+bf16":
+        from vflow.precision import autocast_networks
+
+        autocast_networks(model, training_only=False)  # sampling is timed in bf16 too
+        return
+    for net in model.modules():
+        if variant == "fused+compile" and isinstance(net, (CouplingNet, ContextNet)):
             net.compile(dynamic=False)
-        elif variant == "fused+bf16":
-            forward = net.forward
-            device_type = next(net.parameters()).device.type
-
-            @functools.wraps(forward)
-            def autocast_forward(*args, _forward=forward, _dt=device_type, **kwargs):
-                with torch.autocast(_dt, dtype=torch.bfloat16):
-                    out = _forward(*args, **kwargs)
-                return out.float()
-
-            net.forward = autocast_forward
 
 
 CLOCK = time.perf_counter  # time.process_time with --cpu-time

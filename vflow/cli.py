@@ -34,6 +34,7 @@ import sys
 
 from vflow import __version__
 from vflow.compile import COMPILE_MODES
+from vflow.precision import PRECISIONS
 
 EVAL_SAMPLES = {"digits": 64, "cifar10": 4096, "imagenet32": 1024, "imagenet64": 1024}
 
@@ -302,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="same as --compile off (a resumed compiled run then trains eagerly)",
     )
     t.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="bf16-nets: the conditioning and context networks of training steps run under "
+        "bf16 autocast; couplings, logdets, ActNorm, the 1x1 convs, evaluation and sampling "
+        "stay float32" + KEEP.format(d="fp32"),
+    )
+    t.add_argument(
         "--activation-checkpointing",
         action=argparse.BooleanOptionalAction,
         help="recompute the networks' residual blocks in the backward pass (selective "
@@ -484,6 +492,7 @@ def _train(a, parser) -> int:
         channels_last=a.channels_last,
         compile=a.compile,
         activation_checkpointing=a.activation_checkpointing,
+        precision=a.precision,
         cuda_graphs=a.cuda_graphs,
     )
     main_rank = int(os.environ.get("RANK", "0")) == 0

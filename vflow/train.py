@@ -88,6 +88,7 @@ from .distributed import (
 from .evaluate import draw_samples, evaluate, model_cfg, plot_loss_curve, save_grid
 from .interrupts import StopRequests, TrainingInterrupted
 from .models import RECOMMENDED_INIT_BATCH
+from .precision import autocast_networks, check_precision
 from .recipe import DEFAULT_RECIPE, RECIPES, get_recipe, learning_rate  # noqa: F401
 from .step import EMA, LN2, GraphedStep, StepHistory, TrainStep  # noqa: F401
 
@@ -141,6 +142,7 @@ class TrainArgs:
     channels_last: bool | None = None  # channels_last weights and activations (CPU convs)
     compile: bool | str | None = None  # "regional" (True), "elbo" or "off" (False)
     activation_checkpointing: bool | None = None  # recompute the networks in backward
+    precision: str | None = None  # "fp32" or "bf16-nets" (vflow.precision)
     cuda_graphs: bool = False  # capture the whole iteration as a CUDA graph (CUDA only)
 
     def recipe(self) -> dict:
@@ -173,6 +175,7 @@ RUN_OPTION_DEFAULTS = {
     "channels_last": False,
     "compile": False,
     "activation_checkpointing": False,
+    "precision": "fp32",
 }
 
 DEFAULT_INIT_BATCH_SIZE = RECOMMENDED_INIT_BATCH  # official Flow++ CIFAR-10: 128 at batch 64
@@ -353,6 +356,16 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
             f"set_activation_checkpointing"
         )
     model.set_activation_checkpointing(True)
+
+
+def enable_bf16_networks(model: nn.Module) -> None:
+    """bf16 autocast of the model's networks in training steps
+    (:func:`vflow.precision.autocast_networks`); ValueError for a model without any."""
+    if not autocast_networks(model):
+        raise ValueError(
+            f"precision bf16-nets: model {type(model).__name__} has no conditioning or "
+            f"context networks to run in bf16"
+        )
 
 
 # ----------------------------------------------------------------------------- run settings
@@ -667,6 +680,7 @@ class Trainer:
     def __init__(self, args: TrainArgs, build_fn=default_build, info: DistInfo | None = None):
         check_init_batch_size(args.init_batch_size)
         compile_mode(args.compile)  # ValueError for an unknown mode, before any work
+        check_precision(args.precision)
         self.info = info = info or DistInfo()
         self.device = training_device(resolve_device(args.device), info)
         self.run_dir = args.out or default_run_dir(args.config)
@@ -736,6 +750,8 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         if self.args.activation_checkpointing:
             enable_activation_checkpointing(model)
+        if self.args.precision == "bf16-nets":
+            enable_bf16_networks(model)
         check_model_fits_data(model, self.settings, self.train_data)
         self.dims = math.prod(self.train_data.shape)
 
