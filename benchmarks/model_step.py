@@ -5,6 +5,9 @@ For each config (default: vflow-digits and vflow-cifar10) and each variant, in o
 * ``reference``        all couplings on the eager reference backend, float32, eager nets
 * ``fused``            couplings on the fused backend ("cpp" on CPU, "triton" on CUDA)
 * ``fused+compile``    ... and torch.compile of every conditioning / context network
+* ``fused+regional-compile``  ... and regional compilation (``vflow.compile_regions``: each
+                       kind of residual block compiled once and shared by its instances;
+                       what ``vflow train --compile`` does)
 * ``fused+chlast``     ... and channels_last weights / activations
 * ``fused+bf16``       ... and bf16 autocast of the networks (couplings and logdets stay fp32)
 * ``fused+chlast+compile-elbo``  channels_last and torch.compile of the whole ELBO (networks,
@@ -51,7 +54,6 @@ time goes (convolutions, attention, coupling ops, the rest).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import resource
@@ -65,12 +67,13 @@ VARIANTS = [
     "reference",
     "fused",
     "fused+compile",
+    "fused+regional-compile",
     "fused+chlast",
     "fused+bf16",
     "fused+chlast+compile-elbo",
     "fused+ckpt",
 ]
-COMPILED = ("fused+compile", "fused+chlast+compile-elbo")
+COMPILED = ("fused+compile", "fused+regional-compile", "fused+chlast+compile-elbo")
 # Lower-case profiler event-name fragments -> category of the step's time (first match wins).
 CATEGORIES = (
     ("convolution", "convolutions"),
@@ -106,26 +109,24 @@ def _sync(device: str) -> None:
 
 
 def _wrap_nets(model, variant: str) -> None:
-    """Apply torch.compile / bf16 autocast to every conditioning and context network."""
-    import torch
+    """Apply torch.compile / bf16 autocast to every conditioning and context network, or
+    regional compilation to the model's residual blocks."""
 
     from vflow.nets import ContextNet, CouplingNet
 
-    nets = [m for m in model.modules() if isinstance(m, (CouplingNet, ContextNet))]
-    for net in nets:
-        if variant == "fused+compile":
+    if variant == "fused+regional-compile":
+        from vflow.compile import compile_regions
+
+        compile_regions(model)
+        return
+    if variant == "fused+bf16":
+        from vflow.precision import autocast_networks
+
+        autocast_networks(model, training_only=False)  # sampling is timed in bf16 too
+        return
+    for net in model.modules():
+        if variant == "fused+compile" and isinstance(net, (CouplingNet, ContextNet)):
             net.compile(dynamic=False)
-        elif variant == "fused+bf16":
-            forward = net.forward
-            device_type = next(net.parameters()).device.type
-
-            @functools.wraps(forward)
-            def autocast_forward(*args, _forward=forward, _dt=device_type, **kwargs):
-                with torch.autocast(_dt, dtype=torch.bfloat16):
-                    out = _forward(*args, **kwargs)
-                return out.float()
-
-            net.forward = autocast_forward
 
 
 CLOCK = time.perf_counter  # time.process_time with --cpu-time
@@ -550,7 +551,10 @@ def main() -> None:
             continue
         row["speedup_vs_reference"] = ratio = _speedup(row, rows)
         speed = "-" if ratio is None else f"{ratio:.2f}x"
-        note = f"batch {row['batch']}, sample n={row['sample_n']}, warm-up {row['warmup_s']:.1f}s"
+        note = (
+            f"batch {row['batch']}, sample n={row['sample_n']}, warm-up (compilation) "
+            f"{row['warmup_s']:.1f}s"
+        )
         if row.get("paired"):
             p = row["paired"]
             note += f"; paired {p['step_ms']:.1f} vs reference {p['reference_ms']:.1f} ms"

@@ -246,6 +246,26 @@ def test_train_activation_checkpointing_flag(tmp_path):
     assert _ckpt(run)["args"]["activation_checkpointing"] is True
 
 
+@pytest.mark.parametrize(
+    "argv,mode",
+    [
+        ([], None),
+        (["--compile"], "regional"),
+        (["--compile", "--channels-last"], "regional"),
+        (["--compile", "elbo"], "elbo"),
+        (["--compile", "regional"], "regional"),
+        (["--no-compile"], "off"),
+    ],
+)
+def test_compile_spellings(argv, mode):
+    """A bare --compile (the old spelling) is regional compilation; 'elbo' the whole-ELBO
+    compile of earlier versions; --no-compile off; not given: the run's own (None)."""
+    from vflow.cli import build_parser
+
+    a = build_parser().parse_args(["train", *argv])
+    assert a.compile == mode
+
+
 # --- issue 29: help, version, --set mistakes, eval --out, sample --run-dir -------------------
 
 

@@ -374,16 +374,47 @@ def test_channels_last_training_matches_contiguous(tmp_path):
     torch.testing.assert_close(_flat(chlast.model), _flat(plain.model), atol=2e-4, rtol=1e-3)
 
 
-def test_compile_flag_compiles_the_objective(tmp_path, monkeypatch):
-    compiled = []
+@pytest.mark.parametrize(
+    "compile_value,expected",
+    [
+        ("elbo", [("_ElboObjective", {"cpp_wrapper": True})]),
+        ("regional", []),  # the tiny model has no network blocks to compile
+        (True, []),  # older runs' saved compile: true and compile=True mean regional
+        ("off", []),
+        (False, []),
+    ],
+)
+def test_compile_modes(tmp_path, monkeypatch, compile_value, expected):
+    compiled, regional = [], []
 
     def fake_compile(module, options=None):
         compiled.append((type(module).__name__, options))
         return module
 
     monkeypatch.setattr(T.torch, "compile", fake_compile)
-    T.train(_args(tmp_path, steps=2, compile=True), build_fn=tiny_build)
-    assert compiled == [("_ElboObjective", {"cpp_wrapper": True})]
+    monkeypatch.setattr(T, "compile_regions", lambda model, device: regional.append(model))
+    T.train(_args(tmp_path, steps=2, compile=compile_value), build_fn=tiny_build)
+    assert compiled == expected
+    assert len(regional) == (compile_value in ("regional", True))
+
+
+def test_an_old_run_saved_with_compile_true_resumes_regionally(tmp_path, monkeypatch):
+    """Checkpoints of older versions hold ``compile: true``; a bare --resume keeps compiling,
+    now regionally."""
+    regional = []
+    monkeypatch.setattr(T, "compile_regions", lambda model, device: regional.append(model))
+    T.train(_args(tmp_path, steps=1), build_fn=tiny_build)
+    path = T.latest_checkpoint(str(tmp_path / "run"))
+    ck = torch.load(path, weights_only=True)
+    ck["args"]["compile"] = True
+    torch.save(ck, path)
+    T.train(_args(tmp_path, steps=2, resume=True), build_fn=tiny_build)
+    assert len(regional) == 1
+
+
+def test_unknown_compile_mode_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="compile must be one of regional, elbo, off"):
+        T.train(_args(tmp_path, steps=1, compile="whole"), build_fn=tiny_build)
 
 
 # ----------------------------------------------------------------------------- activation ckpt

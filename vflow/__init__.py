@@ -11,6 +11,7 @@ import os  # noqa: E402
 import torch  # noqa: E402
 
 from vflow import transforms  # noqa: E402  (the fused coupling as torch Transforms)
+from vflow.compile import compile_regions  # noqa: E402  (regional torch.compile)
 from vflow.models import FlowPlusPlus, build  # noqa: E402
 
 
@@ -72,4 +73,4 @@ def load(
     return load_run_model(path, device=str(where), use_ema=ema, backend=backend)[0]
 
 
-__all__ = ["build", "load", "transforms", "__version__"]
+__all__ = ["build", "compile_regions", "load", "transforms", "__version__"]

@@ -33,6 +33,8 @@ import os
 import sys
 
 from vflow import __version__
+from vflow.compile import COMPILE_MODES
+from vflow.precision import PRECISIONS
 
 EVAL_SAMPLES = {"digits": 64, "cifar10": 4096, "imagenet32": 1024, "imagenet64": 1024}
 
@@ -284,9 +286,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--compile",
-        action=argparse.BooleanOptionalAction,
-        help="torch.compile the training objective (the first step compiles for minutes)"
+        nargs="?",
+        const="regional",
+        choices=COMPILE_MODES,
+        help="torch.compile the training step on its first step: 'regional' (a bare "
+        "--compile) compiles each repeated network block once per shape and reuses it "
+        "across the model's instances; 'elbo' compiles the whole objective as one graph "
+        "(faster steps on small models, far longer compilation on large ones)"
         + KEEP.format(d="off"),
+    )
+    t.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_const",
+        const="off",
+        help="same as --compile off (a resumed compiled run then trains eagerly)",
+    )
+    t.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="bf16-nets: the conditioning and context networks of training steps run under "
+        "bf16 autocast; couplings, logdets, ActNorm, the 1x1 convs, evaluation and sampling "
+        "stay float32" + KEEP.format(d="fp32"),
     )
     t.add_argument(
         "--activation-checkpointing",
@@ -471,6 +492,7 @@ def _train(a, parser) -> int:
         channels_last=a.channels_last,
         compile=a.compile,
         activation_checkpointing=a.activation_checkpointing,
+        precision=a.precision,
         cuda_graphs=a.cuda_graphs,
     )
     main_rank = int(os.environ.get("RANK", "0")) == 0

@@ -77,6 +77,7 @@ from .checkpoints import (  # noqa: F401  (re-exported: the trainer's public nam
     seed_everything,
     set_rng_state,
 )
+from .compile import compile_mode, compile_options, compile_regions
 from .data import BatchStream, _gen, default_dataset_for, load_dataset
 from .distributed import (
     DistInfo,
@@ -87,6 +88,7 @@ from .distributed import (
 from .evaluate import draw_samples, evaluate, model_cfg, plot_loss_curve, save_grid
 from .interrupts import StopRequests, TrainingInterrupted
 from .models import RECOMMENDED_INIT_BATCH
+from .precision import autocast_networks, check_precision
 from .recipe import DEFAULT_RECIPE, RECIPES, get_recipe, learning_rate  # noqa: F401
 from .step import EMA, LN2, GraphedStep, StepHistory, TrainStep  # noqa: F401
 
@@ -138,8 +140,9 @@ class TrainArgs:
     init_batch_size: int | None = None  # images for model.initialize (None: 128 or fewer)
     init_scheme: str | None = None  # model.initialize scheme (None: the model's default)
     channels_last: bool | None = None  # channels_last weights and activations (CPU convs)
-    compile: bool | None = None  # torch.compile the training objective
+    compile: bool | str | None = None  # "regional" (True), "elbo" or "off" (False)
     activation_checkpointing: bool | None = None  # recompute the networks in backward
+    precision: str | None = None  # "fp32" or "bf16-nets" (vflow.precision)
     cuda_graphs: bool = False  # capture the whole iteration as a CUDA graph (CUDA only)
 
     def recipe(self) -> dict:
@@ -172,6 +175,7 @@ RUN_OPTION_DEFAULTS = {
     "channels_last": False,
     "compile": False,
     "activation_checkpointing": False,
+    "precision": "fp32",
 }
 
 DEFAULT_INIT_BATCH_SIZE = RECOMMENDED_INIT_BATCH  # official Flow++ CIFAR-10: 128 at batch 64
@@ -320,25 +324,26 @@ class _ElboObjective(nn.Module):
 
 
 def compile_objective(fn, device: torch.device | str):
-    """``torch.compile`` a training objective the way ``vflow train --compile`` does.
-
-    On CPU with inductor's C++ wrapper: the generated code then calls its kernels, GEMMs,
-    convolutions and the vflow custom ops from C++ instead of from a Python function, which
-    saves about a tenth of a digits training step. Compilation happens on the first call.
-    """
-    options = {"cpp_wrapper": True} if torch.device(device).type == "cpu" else None
-    return torch.compile(fn, options=options)
+    """``torch.compile`` of a whole training objective, what ``vflow train --compile elbo``
+    does (on CPU with inductor's C++ wrapper, :func:`vflow.compile.compile_options`).
+    Compilation happens on the first call."""
+    return torch.compile(fn, options=compile_options(device))
 
 
 def training_objective(model: nn.Module, args: TrainArgs, info: DistInfo, device) -> nn.Module:
     """``x -> model.elbo(x)`` as a module, wrapped in DistributedDataParallel under DDP and
-    compiled with ``--compile`` (which compiles on the first step)."""
+    compiled with ``--compile`` (on the first step): "regional" compiles the model's
+    repeated network blocks in place (:func:`vflow.compile.compile_regions`), "elbo" the
+    whole objective."""
+    mode = compile_mode(args.compile)
+    if mode == "regional":
+        compile_regions(model, device)
     objective = _ElboObjective(model)
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
+    if mode == "elbo":
         objective = compile_objective(objective, device)
     return objective
 
@@ -351,6 +356,16 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
             f"set_activation_checkpointing"
         )
     model.set_activation_checkpointing(True)
+
+
+def enable_bf16_networks(model: nn.Module) -> None:
+    """bf16 autocast of the model's networks in training steps
+    (:func:`vflow.precision.autocast_networks`); ValueError for a model without any."""
+    if not autocast_networks(model):
+        raise ValueError(
+            f"precision bf16-nets: model {type(model).__name__} has no conditioning or "
+            f"context networks to run in bf16"
+        )
 
 
 # ----------------------------------------------------------------------------- run settings
@@ -664,6 +679,8 @@ class Trainer:
 
     def __init__(self, args: TrainArgs, build_fn=default_build, info: DistInfo | None = None):
         check_init_batch_size(args.init_batch_size)
+        compile_mode(args.compile)  # ValueError for an unknown mode, before any work
+        check_precision(args.precision)
         self.info = info = info or DistInfo()
         self.device = training_device(resolve_device(args.device), info)
         self.run_dir = args.out or default_run_dir(args.config)
@@ -733,6 +750,8 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         if self.args.activation_checkpointing:
             enable_activation_checkpointing(model)
+        if self.args.precision == "bf16-nets":
+            enable_bf16_networks(model)
         check_model_fits_data(model, self.settings, self.train_data)
         self.dims = math.prod(self.train_data.shape)
 
