@@ -13,14 +13,15 @@ from torch import Tensor
 from . import _precise as precise
 
 # Fast or precise exp / log, chosen per term (issue 28). On NVIDIA GPUs float32 ``tl.exp`` /
-# ``tl.log`` are approximate instructions (``kernels/_precise.py`` gives their error); each
-# group of terms was switched to the fast form alone and kept fast only where the float32
-# results over 5 regimes x K in {1, 4} x smooth / plain (forward, both backwards, inverse)
-# stayed within 2x the all-precise kernels' max error + 1e-5, under the emulation of
-# ``kernels/_emulation.py``. Precise: the per-component log1p and exps of ``_component``, the
-# responsibilities ``_weights``, the backward's log-sum-exps and its exps of alpha and of the
-# log-densities (each multiplies a gradient). Fast: tanh, the softplus / log-sum-exp
-# helpers, the forward's log-sum-exps and output, the gradient-chain exps and the inverse.
+# ``tl.log`` are approximate instructions (``kernels/_precise.py`` gives their error). Under
+# the emulation of ``kernels/_emulation.py`` each group of terms was switched to the fast form
+# alone and kept fast only where the float32 results over 5 regimes x K in {1, 4} x smooth /
+# plain (forward, both backwards, inverse) stayed within 2x the all-precise kernels' max
+# error + 1e-5; a scan over emulation seeds then moved the shared helpers (tanh, softplus,
+# the online log-sum-exp) and the backward's remaining exps to precise as well. So: the
+# backward kernel and everything it shares are precise; fast are only the forward's final
+# log-sum-exps and output, and the inverse's iterations and its logdet.
+
 
 PLAIN, CHECKERBOARD, STRIPE = 0, 1, 2
 
@@ -57,7 +58,7 @@ def _log1p_unit(e):
 
 @triton.jit
 def _tanh(a):
-    e = tl.exp(-2.0 * tl.abs(a))
+    e = precise.exp(-2.0 * tl.abs(a))
     r = (1.0 - e) / (1.0 + e)
     return tl.where(a < 0.0, -r, r)
 
@@ -65,14 +66,14 @@ def _tanh(a):
 @triton.jit
 def _logaddexp(a, c):
     m = tl.maximum(a, c)
-    return m + _log1p_unit(tl.exp(-tl.abs(a - c)))
+    return m + _log1p_unit(precise.exp(-tl.abs(a - c)))
 
 
 @triton.jit
 def _lse_push(m, s, v):
     """Online log-sum-exp: (running max m, sum s of exp(. - m)) <- v, one exp per update."""
     diff = v - m
-    d = tl.exp(-tl.abs(diff))
+    d = precise.exp(-tl.abs(diff))
     d = tl.where(v == float("-inf"), 0.0, d)  # exp(-inf) adds nothing; a NaN v propagates
     up = v > m
     s = tl.where(up, s * d + 1.0, s + d)
@@ -271,19 +272,19 @@ def _bwd_kernel(x_ptr, p_ptr, go_ptr, gl_ptr, gi_ptr, gp_ptr, B, N, K, H, W, par
             r, r_c, r_s = _weights(pi, s, lsp, lsn, lse_c, lse_s, lse_f)
             l_x += inv_s * _dl_dt(r, r_c, r_s, t, e, rho_f, rho_s)
         u = g_out - g_l * l_x
-        v = u * tl.exp(-(alpha + log_j))  # dL/dy
+        v = u * precise.exp(-(alpha + log_j))  # dL/dy
         g_in = v
         c_zj = -u  # coefficient of dz/dtheta, times J
-        c_pi = (g_l * om2g * jac - u) * tl.exp(log_cdf + log_sf - log_pdf)
+        c_pi = (g_l * om2g * jac - u) * precise.exp(log_cdf + log_sf - log_pdf)
         c_f = -g_l  # coefficient of dl/dtheta
-        g_a = -(u * tl.exp(-log_j) * z + g_l) * da
+        g_a = -(u * precise.exp(-log_j) * z + g_l) * da
         g_b = -v
     else:
         c_zj = g_out * e_alpha * jac
         log_kappa = log_cdf + log_sf - log_g - log_1mg
         if SMOOTH:
             log_kappa += _c(LOG_SPAN, log_kappa)
-        c_pi = (g_out * e_alpha - g_l * om2g) * tl.exp(log_kappa)
+        c_pi = (g_out * e_alpha - g_l * om2g) * precise.exp(log_kappa)
         c_f = g_l + zero
         g_a = (g_out * e_alpha * z + g_l) * da
         g_b = g_out
@@ -299,7 +300,7 @@ def _bwd_kernel(x_ptr, p_ptr, go_ptr, gl_ptr, gi_ptr, gp_ptr, B, N, K, H, W, par
         r, r_c, r_s = _weights(pi, s, lsp, lsn, lse_c, lse_s, lse_f)
         dl_dt = _dl_dt(r, r_c, r_s, t, e, rho_f, rho_s)
         l_x += inv_s * dl_dt
-        w = tl.exp(pi - log_z)
+        w = precise.exp(pi - log_z)
         # dt/dmu = -e^{-s}, dt/ds = -t; log f_k also has -s_k: dl/ds_k = -t_k dl/dt_k - r_k
         g_mu = -r * c_zj - c_f * inv_s * dl_dt
         g_ls = -r * c_zj * (x - mu) - c_f * (t * dl_dt + r)

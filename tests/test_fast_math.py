@@ -142,7 +142,8 @@ def test_emulation_refuses_to_run_outside_the_interpreter(monkeypatch):
 def test_regression_h200_float32_gradients_where_one_component_dominates(smooth, inverse, device):
     """The test the H200 failed ([smooth-fwd-vjp], K = 1: 3.7e-4 against eager 3.4e-5), here
     under the emulated fast math: the same 3,000 narrow elements per K, the max error
-    relative to max(1, |ref64|) within 3x eager float32's + 2e-5. Before the precise terms:
+    relative to max(1, |ref64|) within 3x eager float32's + 2e-5 for 4 emulation seeds.
+    Before the precise terms (seed 1):
     smooth-fwd-vjp K = 1 6.9e-4, flowpp-fwd-vjp 4.3e-4, inv-vjp up to 0.13 (all failing)."""
     gen = torch.Generator().manual_seed(3)
     for k in (1, 4):
@@ -154,10 +155,12 @@ def test_regression_h200_float32_gradients_where_one_component_dominates(smooth,
         args = (smooth, PLAIN, 0, inverse)
         ref = R.coupling_bwd(x, p, gy, gl, *args)
         eager = R.coupling_bwd(*f32(x, p, gy, gl), *args)
-        with fast_math(seed=1):
-            got = vk.coupling_bwd(*f32(x, p, gy, gl), *args)
-        err, err_eager = max_relative_error(got, ref), max_relative_error(eager, ref)
-        assert err <= 3 * err_eager + 2e-5, (k, err, err_eager)
+        err_eager = max_relative_error(eager, ref)
+        for seed in range(4):  # four plausible instructions: one seed passed a partial fix
+            with fast_math(seed=seed):
+                got = vk.coupling_bwd(*f32(x, p, gy, gl), *args)
+            err = max_relative_error(got, ref)
+            assert err <= 3 * err_eager + 2e-5, (k, seed, err, err_eager)
 
 
 def _problem(regime: str, n: int, k: int, seed: int):
