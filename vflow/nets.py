@@ -303,12 +303,30 @@ class GatedConv(nn.Module):
         return x + F.glu(h, dim=1)  # (a, b) = h.chunk(2): a * sigmoid(b)
 
 
+class _GradInLayout(torch.autograd.Function):
+    """The identity, whose backward gives the gradient the layout of the input
+    (channels_last or contiguous): the gradient a (B, H, W, C) layer norm hands back through
+    a permute is channels_last, which would slow every op of the backward before it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, channels_last: bool) -> Tensor:
+        ctx.channels_last = channels_last
+        return x.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        return grad.contiguous(memory_format=layout), None
+
+
 class ChannelLayerNorm(nn.Module):
     """Layer norm over the channel axis of (B, C, H, W), eps 1e-5, learned gain and bias:
     y = (x - mean_c x) / sqrt(var_c x + eps) * weight + bias, per pixel, var biased.
 
     Computed by one ``F.layer_norm`` over the last axis of the (B, H, W, C) view (one op
-    forward and one backward); the result has x's memory layout (a copy for NCHW input).
+    forward and one backward); the result and the gradient of x have x's memory layout (a
+    copy each for NCHW input).
     """
 
     def __init__(self, channels: int, eps: float = 1e-5):
@@ -318,9 +336,10 @@ class ChannelLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = (x.shape[1],)
-        y = F.layer_norm(x.permute(0, 2, 3, 1), shape, self.weight, self.bias, self.eps)
-        return y.permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(x))
+        layout = _memory_format(x)
+        x = _GradInLayout.apply(x, layout == torch.channels_last)
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2).contiguous(memory_format=layout)
 
 
 class GatedAttention(nn.Module):
