@@ -20,6 +20,11 @@ For each config (default: vflow-digits and vflow-cifar10) and each variant, in o
                        "step": every whole flow step), compared with the plain fused model in
                        the same process (below)
 
+Ops. Every eager row has ``ops_per_step``: the aten ops one training step (forward and
+backward) dispatches after autograd, counted by ``vflow.profiling.OpCounter`` (on a GPU each
+one that is not a view is a kernel launch; ``view_ops_per_step`` of them are views and
+detaches); compiled variants have none (the count would recompile them).
+
 Memory. Every row has ``step_growth_mb``: how much a training step grows the process at its
 peak over what it held before the step (CUDA: max_memory_allocated over memory_allocated;
 CPU: peak RSS, VmHWM after resetting it through /proc/self/clear_refs, over RSS, measured
@@ -180,6 +185,7 @@ def worker(args) -> dict:
     t0 = time.perf_counter()
     loss = step()  # warm-up (includes compilation)
     warmup_s = time.perf_counter() - t0
+    ops = None if variant in COMPILED else _count_ops(step)
     if granularities:  # paired with the plain model (its own times are its first column)
         checkpointing = _checkpointing_times(model, step, granularities, args.repeats, device)
         step_times = checkpointing[granularities[0]].pop("times")
@@ -230,6 +236,8 @@ def worker(args) -> dict:
         device=device,
         threads=torch.get_num_threads(),
         loss_bpd=float(loss),
+        ops_per_step=None if ops is None else ops.total,
+        view_ops_per_step=None if ops is None else ops.views,
         step_ms=1e3 * statistics.median(step_times),
         step_ms_all=[1e3 * t for t in step_times],
         warmup_s=warmup_s,
@@ -404,6 +412,16 @@ def _step_fn(model, bpd, x):
     return step
 
 
+def _count_ops(step):
+    """The ops one eager ``step()`` dispatches (``vflow.profiling.OpCounts``). Not for the
+    compiled variants: a dispatch mode around a compiled function would recompile it."""
+    from vflow.profiling import OpCounter
+
+    with OpCounter() as counter:
+        step()
+    return counter.counts
+
+
 def _breakdown(step, repeats: int = 3) -> dict:
     """Share of the step's self CPU time per category of ``CATEGORIES`` (rest: "other")."""
     from torch.profiler import profile
@@ -535,7 +553,7 @@ def main() -> None:
     if args.cpu_time:
         ratio_note += "; times are process CPU times"
     header = (
-        f"{'config':<16} {'variant':<26} {'step ms':>10} {'vs ref':>7} "
+        f"{'config':<16} {'variant':<26} {'step ms':>10} {'vs ref':>7} {'ops/step':>9} "
         f"{'sample ms':>11} {'peak MB':>9} {'step MB':>9}  note"
     )
     print(f"vs ref: step-time ratio, {ratio_note}")
@@ -544,8 +562,8 @@ def main() -> None:
     for row in rows:
         if "step_ms" not in row:
             print(
-                f"{row['config']:<16} {row['variant']:<26} {'-':>10} {'-':>7} {'-':>11} {'-':>9} "
-                f"{'-':>9}  "
+                f"{row['config']:<16} {row['variant']:<26} {'-':>10} {'-':>7} {'-':>9} {'-':>11} "
+                f"{'-':>9} {'-':>9}  "
                 f"{row.get('skipped') or row.get('error')}"
             )
             continue
@@ -564,9 +582,10 @@ def main() -> None:
             note += "; " + ", ".join(f"{k} {v:.0%}" for k, v in row["breakdown"].items())
         growth = row.get("step_growth_mb")
         growth = "-" if growth is None else f"{growth:.0f}"
+        n_ops = "-" if row.get("ops_per_step") is None else f"{row['ops_per_step']:,}"
         print(
             f"{row['config']:<16} {row['variant']:<26} {row['step_ms']:>10.1f} {speed:>7} "
-            f"{row['sample_ms']:>11.1f} {row['peak_mb']:>9.0f} {growth:>9}  {note}"
+            f"{n_ops:>9} {row['sample_ms']:>11.1f} {row['peak_mb']:>9.0f} {growth:>9}  {note}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

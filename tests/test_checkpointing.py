@@ -292,14 +292,15 @@ def kept_bytes(model, x) -> int:
     return graph_kept_bytes(lambda: model.bpd(x).mean())
 
 
-@pytest.mark.parametrize("granularity,fraction", [("block", 0.4), ("net", 0.3), ("step", 0.1)])
+@pytest.mark.parametrize("granularity,fraction", [("block", 0.46), ("net", 0.3), ("step", 0.1)])
 def test_checkpointed_graph_keeps_far_less(granularity, fraction, one_thread):
     """The networks' activations dominate the plain graph: checkpointed, the graph keeps at
-    most ``fraction`` of the plain graph's bytes. (vflow-digits, batch 4, float32: 35% for
-    "block", which keeps every block's input, 24% for "net", 7% for "step", the last step of
+    most ``fraction`` of the plain graph's bytes. (vflow-digits, batch 4, float32: 41% for
+    "block", which keeps every block's input, 27.5% for "net", 8% for "step", the last step of
     p, which runs plain, included; its networks are tiny, 16 filters and one block, so the
     flow's own states and the last step weigh more than in the CIFAR-10 / ImageNet
-    models.)"""
+    models. Issue 27's one-op layer norm made the plain graph 17% smaller, 4.00 -> 3.33 MB,
+    and "block" 1.41 -> 1.36 MB: 35% -> 41% of plain; "block" was bounded by 0.4 before.)"""
     model, x = _tiny(dtype=torch.float32)
     plain = kept_bytes(model, x)
     model.set_activation_checkpointing(True, granularity)
@@ -350,16 +351,20 @@ def _per_granularity(measure, model, x, modes) -> list:
 def test_block_checkpointing_lowers_the_peak(one_thread):
     """The step's peak of live tensors (forward, backward and recomputations): "block" holds
     one block's activations at a time where "net" holds a whole network's, so with six blocks
-    per network its peak is clearly lower than "net"'s, and far below the plain step's.
-    (Measured: net 25.5%, block 18.2% of plain; block / net 0.71.)"""
+    per network its peak is lower than "net"'s, and far below the plain step's.
+    (Measured: net 26.7%, block 23.4% of plain; block / net 0.88. Before issue 27's one-op
+    layer norm, whose backward keeps one tensor per norm instead of four, the peaks were
+    plain 55.0, net 14.1, block 10.0 MB (net 25.5%, block 18.2%, block / net 0.71, bounded
+    by 0.22 and 0.8); now plain 41.0, net 10.9, block 9.6 MB: every peak fell, the ones
+    holding whole networks' activations most.)"""
     plain, net, block = _per_granularity(peak_live_bytes, *_deep(), ("plain", "net", "block"))
     print(
         f"peak live: plain {plain}, net {net} ({net / plain:.1%}), block {block} "
         f"({block / plain:.1%}), block / net {block / net:.2f}"
     )
     assert net < 0.3 * plain
-    assert block < 0.22 * plain
-    assert block < 0.8 * net
+    assert block < 0.26 * plain
+    assert block < 0.93 * net
 
 
 class _OpCounter(TorchDispatchMode):

@@ -31,6 +31,9 @@ def test_model_step_quick_run_writes_rows_with_breakdown(tmp_path):
         assert r["step_ms"] > 0 and r["sample_ms"] > 0 and r["batch"] == 8
         assert sum(r["breakdown"].values()) == pytest.approx(1.0)
         assert r["breakdown"]["convolutions"] > 0
+        assert 0 < r["view_ops_per_step"] < r["ops_per_step"]  # ops one step dispatches
+    # the fused couplings dispatch fewer ops than the reference's eager formulas
+    assert rows[1]["ops_per_step"] < rows[0]["ops_per_step"]
     assert "coupling ops" in rows[1]["breakdown"] and "coupling ops" not in rows[0]["breakdown"]
     assert all(r["breakdown"]["attention"] > 0 for r in rows)  # SDPA / the fused kernel
     for r in rows:  # each variant timed alternately with the reference model in its process
@@ -38,7 +41,7 @@ def test_model_step_quick_run_writes_rows_with_breakdown(tmp_path):
         assert paired["reference_ms"] > 0 and paired["step_ms"] > 0
         ratio = paired["reference_ms"] / paired["step_ms"]
         assert r["speedup_vs_reference"] == pytest.approx(ratio)
-    assert "vflow-digits" in proc.stdout and "fused" in proc.stdout
+    assert "vflow-digits" in proc.stdout and "fused" in proc.stdout and "ops/step" in proc.stdout
 
 
 @pytest.mark.skipif("cpp" not in ops.available_backends("cpu"), reason="needs vflow._C")

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from vflow import ops
 from vflow.checkpointing import maybe_checkpoint
-from vflow.nets import CouplingNet, data_init_scale, pixelwise_linear
+from vflow.nets import CouplingNet, data_init_scale, image_half, pixelwise_linear
 
 __all__ = [
     "FlowLayer",
@@ -99,12 +99,12 @@ class Compose(FlowLayer):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x, context=None):
-        logdet = zero_logdet(x)
+        logdet = None  # the sum of the layers' logdets, zero_logdet(x) for no layers
         for layer in self.layers:
             step = getattr(layer, "checkpoint_step", False)
             x, ld = maybe_checkpoint(step, layer, layer, x, context)
-            logdet = logdet + ld
-        return x, logdet
+            logdet = ld if logdet is None else logdet + ld
+        return x, zero_logdet(x) if logdet is None else logdet
 
     def inverse(self, y, context=None):
         logdet = zero_logdet(y)
@@ -354,11 +354,12 @@ class ActNorm(FlowLayer):
 
 
 def _mask(height: int, width: int, pattern: str, device) -> Tensor:
-    """(H, W) bool mask of the positions with mask value 1 ((h + w) % 2 or w % 2)."""
-    h = torch.arange(height, device=device)[:, None]
-    w = torch.arange(width, device=device)[None, :]
-    m = (h + w) % 2 if pattern == "checkerboard" else w % 2 + 0 * h
-    return m.bool()
+    """Bool mask of the positions with mask value 1: (h + w) % 2, shape (H, W), or w % 2,
+    shape (W,) (it broadcasts over the rows)."""
+    w = torch.arange(width, device=device)
+    if pattern == "checkerboard":
+        w = torch.arange(height, device=device)[:, None] + w
+    return w % 2 == 1
 
 
 class Pointwise(FlowLayer):
@@ -393,7 +394,9 @@ class Pointwise(FlowLayer):
         return torch.linalg.inv(w) if inverse else w
 
     def _transform(self, x: Tensor, inverse: bool):
-        w = self._matrices(inverse).to(x.dtype)
+        # the forward matrices need no float64 round trip: weight.double().to(x.dtype) is
+        # weight.to(x.dtype) exactly (and no op at all when the dtypes agree)
+        w = self._matrices(True).to(x.dtype) if inverse else self.weight.to(x.dtype)
         b, c, h, wd = x.shape
         logabsdet = torch.linalg.slogdet(self.weight.double())[1].sum()
         if self.split == "channel":
@@ -497,7 +500,7 @@ class MixLogisticCoupling(FlowLayer):
 
     def _run(self, x: Tensor, context, inverse: bool):
         if self.split == "checker":
-            passive = ops.checkerboard_split(x, parity=self.parity, pattern=self.pattern)[1]
+            passive = image_half(x, 1 - self.parity, self.pattern)
             params = self._params(passive, context)
             op = ops.checkerboard_coupling_inverse if inverse else ops.checkerboard_coupling
             return op(

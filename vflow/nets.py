@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from vflow import ops
@@ -54,8 +55,10 @@ __all__ = [
     "data_init_conv",
     "redraw_conv_weights",
     "ConvDataInit",
+    "Dropout",
     "concat_elu",
     "pixelwise_linear",
+    "image_half",
     "Conv1x1",
     "GatedConv",
     "ChannelLayerNorm",
@@ -160,9 +163,44 @@ class ConvDataInit:
         self.handles = []
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` as one op: ``torch.native_dropout`` (mask ~ Bernoulli(1 - p), x mask /
+    (1 - p)), which CUDA's ``F.dropout`` runs too; on the CPU ``F.dropout`` dispatches four
+    ops (empty_like, bernoulli_, div_, mul) for the same mask and values."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return torch.native_dropout(x, self.p, True)[0]
+
+
+def _dropout(p: float) -> nn.Module:
+    return Dropout(p) if p > 0 else nn.Identity()
+
+
+class _ConcatElu(torch.autograd.Function):
+    """y = elu(h), h = cat([x, -x], channels); dL/dx = g[:C] - g[C:] with g = dL/dh =
+    dL/dy elu'(h) (one elu_backward, one split, one subtraction: autograd's own backward of
+    the three forward ops adds a neg, two slices and an add)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        h = torch.cat([x, -x], dim=1)
+        ctx.save_for_backward(h)
+        return F.elu(h)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (h,) = ctx.saved_tensors
+        g = torch.ops.aten.elu_backward(grad, 1.0, 1, 1, False, h)  # elu's own derivative
+        positive, negative = g.chunk(2, dim=1)
+        return positive - negative
+
+
 def concat_elu(x: Tensor) -> Tensor:
-    """elu(cat([x, -x])) along channels: (B, C, ...) -> (B, 2C, ...)."""
-    return F.elu(torch.cat([x, -x], dim=1))
+    """elu(cat([x, -x])) along channels: (B, C, ...) -> (B, 2C, ...). Differentiable once."""
+    return _ConcatElu.apply(x)
 
 
 def pixelwise_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -177,7 +215,7 @@ def pixelwise_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     """
     if x.is_contiguous(memory_format=torch.channels_last):
         return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
-    return F.conv2d(x, weight[:, :, None, None], bias)
+    return F.conv2d(x, weight.view(*weight.shape, 1, 1), bias)
 
 
 class Conv1x1(nn.Conv2d):
@@ -188,7 +226,26 @@ class Conv1x1(nn.Conv2d):
         super().__init__(in_channels, out_channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return pixelwise_linear(x, self.weight.flatten(1), self.bias)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return pixelwise_linear(x, self.weight.flatten(1), self.bias)
+        return F.conv2d(x, self.weight, self.bias)  # pixelwise_linear's other branch, no views
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last for a tensor laid out that way only, else contiguous."""
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return torch.contiguous_format
+    return torch.channels_last
+
+
+def image_half(x: Tensor, parity: int, pattern: str) -> Tensor:
+    """The half of x (B, C, H, W) with mask == ``parity``, (B, C, H, W/2) in row-major order:
+    ``ops.checkerboard_split(x, parity=parity, pattern=pattern)[0]``; for the stripe pattern
+    (mask = w % 2) a copy of the strided view x[..., parity::2] in x's memory layout (two ops
+    instead of eleven; the copy keeps the layout the convolutions see)."""
+    if pattern == "stripe":
+        return x[..., parity::2].contiguous(memory_format=_memory_format(x))
+    return ops.checkerboard_split(x, parity=parity, pattern=pattern)[0]
 
 
 def _run_block(net: nn.Module, block, *args) -> Tensor:
@@ -233,7 +290,7 @@ class GatedConv(nn.Module):
         super().__init__()
         self.c1 = _conv(2 * filters, filters, 3)
         self.a_proj = _conv(2 * context_channels, filters, 1) if context_channels else None
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = _dropout(dropout)
         self.c2 = _scaled_conv(_conv(2 * filters, 2 * filters, 1 if nin else 3), init_scale)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
@@ -243,12 +300,34 @@ class GatedConv(nn.Module):
                 raise ValueError("this GatedConv was built with a context input; pass context")
             h = h + self.a_proj(concat_elu(context))
         h = self.c2(self.dropout(concat_elu(h)))
-        a, b = h.chunk(2, dim=1)
-        return x + a * torch.sigmoid(b)
+        return x + F.glu(h, dim=1)  # (a, b) = h.chunk(2): a * sigmoid(b)
+
+
+class _GradInLayout(torch.autograd.Function):
+    """The identity, whose backward gives the gradient the layout of the input
+    (channels_last or contiguous): the gradient a (B, H, W, C) layer norm hands back through
+    a permute is channels_last, which would slow every op of the backward before it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, channels_last: bool) -> Tensor:
+        ctx.channels_last = channels_last
+        return x.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        return grad.contiguous(memory_format=layout), None
 
 
 class ChannelLayerNorm(nn.Module):
-    """Layer norm over the channel axis of (B, C, H, W), eps 1e-5, learned gain and bias."""
+    """Layer norm over the channel axis of (B, C, H, W), eps 1e-5, learned gain and bias:
+    y = (x - mean_c x) / sqrt(var_c x + eps) * weight + bias, per pixel, var biased.
+
+    Computed by one ``F.layer_norm`` over the last axis of the (B, H, W, C) view (one op
+    forward and one backward); the result and the gradient of x have x's memory layout (a
+    copy each for NCHW input).
+    """
 
     def __init__(self, channels: int, eps: float = 1e-5):
         super().__init__()
@@ -257,10 +336,10 @@ class ChannelLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).square().mean(1, keepdim=True)
-        x = (x - mean) * torch.rsqrt(var + self.eps)
-        return x * self.weight[:, None, None] + self.bias[:, None, None]
+        layout = _memory_format(x)
+        x = _GradInLayout.apply(x, layout == torch.channels_last)
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2).contiguous(memory_format=layout)
 
 
 class GatedAttention(nn.Module):
@@ -276,15 +355,14 @@ class GatedAttention(nn.Module):
             raise ValueError(f"filters ({filters}) must be divisible by heads ({heads})")
         self.heads, self.backend = heads, backend
         self.proj1 = _conv(filters, 3 * filters, 1)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = _dropout(dropout)
         self.proj2 = _scaled_conv(_conv(filters, 2 * filters, 1), 0.1)
 
     def forward(self, x: Tensor, pos_emb: Tensor) -> Tensor:
         b, c, h, w = x.shape
         qkv = self.proj1(x + pos_emb).reshape(b, 3, self.heads, c // self.heads, h * w)
         att = ops.self_attention(qkv, backend=self.backend).reshape(b, c, h, w)
-        a, g = self.proj2(self.dropout(att)).chunk(2, dim=1)
-        return x + a * torch.sigmoid(g)
+        return x + F.glu(self.proj2(self.dropout(att)), dim=1)  # a * sigmoid(g)
 
 
 class CouplingNet(nn.Module):
@@ -366,8 +444,8 @@ class ContextNet(nn.Module):
         self.checkpoint_blocks = False  # see the module docstring
 
     def forward(self, x: Tensor) -> Tensor:
-        first, second = ops.checkerboard_split(x, parity=0, pattern=self.pattern)
-        h = self.proj(torch.cat([first, second], dim=1))
+        halves = [image_half(x, parity, self.pattern) for parity in (0, 1)]
+        h = self.proj(torch.cat(halves, dim=1))
         for block in self.blocks:
             h = _run_block(self, block, h)
         return h
