@@ -678,7 +678,10 @@ class FlowPlusPlus(nn.Module):
         Limits: "block" (PyTorch's selective checkpointing) allows ONE backward pass through a
         graph: a second one (``backward(retain_graph=True)`` then ``backward()``, or a double
         backward through ``torch.autograd.grad(..., create_graph=True)``) raises
-        ``RuntimeError: Trying to backward an extra time``; "net" and "step" allow both.
+        ``RuntimeError: Trying to backward an extra time``; "net" and "step" allow a second
+        backward pass. A double backward is not supported by the model in any mode: the
+        networks' concat-ELU and layer-norm gradient, like the fused couplings, are
+        differentiable once, and differentiating their gradients raises an error.
         Changing the granularity or the train / eval mode between a forward and its backward
         raises ``torch.utils.checkpoint.CheckpointError``; ``torch.func`` transforms do not
         support checkpointing (saved tensor hooks).
