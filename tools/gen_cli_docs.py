@@ -24,7 +24,7 @@ hand; tests/test_docs.py fails when this page and the parser disagree. -->
 `vflow COMMAND [OPTIONS]`, also `python -m vflow ...` and, on several processes,
 `torchrun --nproc_per_node N -m vflow ...`. What the commands do, with examples, is in
 [Training, evaluation and sampling](training.md). `vflow --version` prints the version;
-`vflow COMMAND --help` prints the same as this page.
+`vflow COMMAND --help` prints the same options (this page adds their defaults).
 """
 
 
@@ -66,7 +66,17 @@ def _names(action: argparse.Action) -> str:
     names = list(action.option_strings)
     if isinstance(action, argparse.BooleanOptionalAction):
         return " / ".join(f"`{n}`" for n in names)
-    return ", ".join(f"`{n}`" for n in names)
+    joined = ", ".join(f"`{n}`" for n in names)
+    return f"{joined} (required)" if action.required else joined
+
+
+def _exclusive_groups(parser: argparse.ArgumentParser) -> list[str]:
+    """A line per group of options that exclude each other."""
+    lines = []
+    for group in parser._mutually_exclusive_groups:
+        names = [a.option_strings[0] for a in group._group_actions if a.option_strings]
+        lines.append("At most one of " + ", ".join(f"`{n}`" for n in names) + ".")
+    return lines
 
 
 def render() -> str:
@@ -91,6 +101,8 @@ def render() -> str:
                 f"| {_md(_help(action, p))} |"
             )
         out.append("")
+        exclusive = _exclusive_groups(p)
+        out += [*exclusive, ""] if exclusive else []
     return "\n".join(out).rstrip("\n") + "\n"
 
 
