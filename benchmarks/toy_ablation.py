@@ -124,6 +124,47 @@ def print_table(rows: list[dict]) -> None:
               f"{r['ll_mean']:>8.3f} +- {r['ll_std']:.3f} {d:>7} {p:>8}")  # fmt: skip
 
 
+def collect_curves(dirs: list[Path], iters: int) -> list[dict]:
+    """The learning curves (``curves.csv``: training ELBO per window) of the output folders
+    ``dirs`` of ``toy_checkerboard.py`` runs at ``iters`` iterations, each row with its
+    run's recipe (from the folder's ``runs.csv``)."""
+    rows = []
+    for d in dirs:
+        if not (d / "curves.csv").exists():
+            continue
+        recipes = {(r["dims"], r["steps"], r["seed"]): r for r in read_runs(d / "runs.csv")}
+        for c in read_typed_csv(d / "curves.csv", {"dims": int, "steps": int, "seed": int,
+                                                   "iter": int, "train_elbo": float}):  # fmt: skip
+            run = recipes.get((c["dims"], c["steps"], c["seed"]))
+            if run is not None and run["iters"] == iters:
+                rows.append({**c, "recipe": recipe_of(run)})
+    return rows
+
+
+def plot_curves(curves: list[dict], path: Path) -> None:
+    """One panel per cell: the median over seeds of the training ELBO of each recipe."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(CELLS), figsize=(4 * len(CELLS), 3.4))
+    for ax, cell in zip(axes, CELLS, strict=True):
+        sel = [c for c in curves if (c["dims"], c["steps"]) == cell]
+        for name in [n for n in RECIPES if any(c["recipe"] == n for c in sel)]:
+            pts = sorted({c["iter"] for c in sel if c["recipe"] == name})
+            med = [np.median([c["train_elbo"] for c in sel if c["recipe"] == name
+                              and c["iter"] == i]) for i in pts]  # fmt: skip
+            ax.plot(pts, med, lw=1, label=name, ls="-" if "constant" in name else "--")
+        ax.axhline(tc.OPTIMUM, color="k", ls=":", lw=1)
+        ax.set_title(f"{CELL_NAMES[cell]} (D {cell[0]}, L {cell[1]})", fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.set_ylim(tc.OPTIMUM - 0.7, tc.OPTIMUM + 0.05)
+    axes[0].set_ylabel("training ELBO, median over seeds (nats)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -140,6 +181,12 @@ def main(argv=None) -> list[dict]:
                     help="runs.csv files to merge into --csv first")  # fmt: skip
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--table-csv", type=Path, default=None, help="write the table here too")
+    ap.add_argument("--curve-dirs", type=Path, nargs="*", default=None,
+                    help="toy_checkerboard output folders whose learning curves to collect "
+                    "(default: every job folder under --out)")  # fmt: skip
+    ap.add_argument("--curves-csv", type=Path, default=None,
+                    help="write the collected learning curves (with the recipe) here, and a "
+                    "plot beside it (.png)")  # fmt: skip
     args = ap.parse_args(argv)
     for path in args.add_runs:
         merge(args.csv, read_runs(path))
@@ -177,6 +224,11 @@ def main(argv=None) -> list[dict]:
     print(f"training CPU of the {len(at)} runs at {args.iters} iterations in the file: {cpu:.0f} s")
     if args.table_csv:
         write_csv(args.table_csv, rows)
+    if args.curves_csv:
+        dirs = args.curve_dirs if args.curve_dirs is not None else sorted(args.out.glob("*/*"))
+        curves = collect_curves(dirs, args.iters)
+        write_csv(args.curves_csv, curves)
+        plot_curves(curves, args.curves_csv.with_suffix(".png"))
     return rows
 
 

@@ -585,5 +585,10 @@ def test_ablation_driver_tiny(tmp_path, capsys):
     assert rows[1]["delta"] == pytest.approx(np.mean(ll["cosine"]) - np.mean(ll["constant"]))
     assert 0 < rows[1]["welch_p"] <= 1 and math.isnan(rows[0]["welch_p"])
     capsys.readouterr()
-    toy_ablation.main(argv)
+    toy_ablation.main(argv + ["--curves-csv", str(tmp_path / "curves.csv")])
     assert "===" not in capsys.readouterr().out  # nothing left to train
+    with open(tmp_path / "curves.csv") as f:
+        curves = list(csv.DictReader(f))
+    assert len(curves) == 2 * 2 * 10  # recipes x seeds x windows of 2 iterations
+    assert {r["recipe"] for r in curves} == {"1e-3:constant", "3e-3:cosine"}
+    assert (tmp_path / "curves.png").stat().st_size > 0
