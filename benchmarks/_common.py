@@ -56,16 +56,29 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def read_typed_csv(
-    path: Path, columns: dict[str, Callable], optional: tuple[str, ...] = (), what: str = "csv"
+    path: Path,
+    columns: dict[str, Callable],
+    optional: tuple[str, ...] = (),
+    what: str = "csv",
+    defaults: dict | None = None,
 ) -> list[dict]:
     """The rows of the CSV file ``path`` as dicts of ``columns`` (name -> type, e.g. ``int``),
     each value converted by its type; a column of ``optional`` may be absent or empty and
-    then reads as ``type("nan")`` (so only float columns should be optional). Raises
-    ``FileNotFoundError`` for a missing file and ``ValueError`` (prefixed with ``what``,
-    e.g. the command-line flag that named the file) when a needed column is missing."""
+    then reads as ``type("nan")`` (so only float columns should be optional); a column of
+    ``defaults`` (name -> value) may be absent or empty and then reads as its default (e.g.
+    a column added after the file was written). Raises ``FileNotFoundError`` for a missing
+    file and ``ValueError`` (prefixed with ``what``, e.g. the command-line flag that named
+    the file) when a needed column is missing."""
+    defaults = defaults or {}
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        missing = set(columns) - set(optional) - set(reader.fieldnames or [])
+        missing = set(columns) - set(optional) - set(defaults) - set(reader.fieldnames or [])
         if missing:
             raise ValueError(f"{what}: {path} lacks the columns {sorted(missing)}")
-        return [{k: columns[k](r.get(k) or "nan") for k in columns} for r in reader]
+        return [
+            {
+                k: defaults[k] if k in defaults and not r.get(k) else columns[k](r.get(k) or "nan")
+                for k in columns
+            }
+            for r in reader
+        ]

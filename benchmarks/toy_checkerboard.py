@@ -62,6 +62,14 @@ workers (300 minutes at the load of the measurement). Compiling the training ste
 
 The learning rate is Adam's 1e-3 for every model (the paper gives none; 1e-3 trained the
 20-step models best in short runs, 3e-3 helped the 3-step VFlow but hurt the 20-step Glow).
+Recipe options (issue 30; the defaults are that recipe, which the 100k grid used): ``--lr``,
+``--schedule`` constant / cosine / exp (``vflow.toy.make_lr_scheduler``: from ``--lr`` down to
+``--final-lr-frac`` of it, 1%, at the last iteration), ``--grad-clip`` (100). Every row of
+runs.csv and results.csv records them (columns lr, schedule, final_lr_frac, grad_clip); a
+``--previous-runs`` file without those columns holds the default recipe, and only its runs of
+the requested recipe are reused. ``--cells 2x3,10x3`` trains only the listed (D, L) cells.
+runs.csv is rewritten as each job finishes, so a stopped study keeps its finished runs.
+``benchmarks/toy_ablation.py`` runs issue 30's screening ablation with these options.
 ``--quick`` trains D in {2, 10} x L in {3, 20} for 400 iterations with 1 seed (about a
 minute with the speed measurement).
 """
@@ -84,8 +92,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import mean_std, read_typed_csv, run_parallel, write_csv  # noqa: E402
 
 from vflow.toy import (  # noqa: E402
+    DEFAULT_RECIPE,
+    SCHEDULES,
     ToyEnsemble,
     checkerboard_density,
+    recipe_dict,
     train_and_evaluate,
     train_ensemble,
     train_single,
@@ -113,11 +124,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    cells = lambda s: [tuple(int(v) for v in c.split("x")) for c in s.split(",")]  # noqa: E731
     ap.add_argument("--dims", type=ints, default=[2, 4, 6, 8, 10], help="flow dims D, e.g. 2,10")
     ap.add_argument("--steps", type=ints, default=[2, 3, 4, 5, 10, 15, 20], help="steps L")
     ap.add_argument("--iters", type=int, default=PAPER_ITERS, help="Adam steps (paper: 100000)")
     ap.add_argument("--seeds", type=int, default=5, help="seeds per (D, L) (paper: 5)")
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--cells", type=cells, default=None,
+                    help="train only these (D, L) cells, e.g. 2x3,10x3,2x20,6x10 "
+                    "(instead of the grid --dims x --steps)")  # fmt: skip
+    ap.add_argument("--lr", type=float, default=DEFAULT_RECIPE["lr"], help="Adam's (peak) lr")
+    ap.add_argument("--schedule", choices=SCHEDULES, default=DEFAULT_RECIPE["schedule"],
+                    help="learning-rate schedule: constant (today's recipe), cosine or exp "
+                    "decay from --lr to --final-lr-frac of it at the last iteration "
+                    "(vflow.toy.make_lr_scheduler)")  # fmt: skip
+    ap.add_argument("--final-lr-frac", type=float, default=DEFAULT_RECIPE["final_lr_frac"],
+                    help="the decaying schedules' last lr as a fraction of --lr")  # fmt: skip
+    ap.add_argument("--grad-clip", type=float, default=DEFAULT_RECIPE["grad_clip"],
+                    help="gradient-norm clipping threshold per model (inf: none)")  # fmt: skip
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--samples", type=int, default=100, help="importance samples (Eq. 5)")
     ap.add_argument("--density-px", type=int, default=128, help="density image resolution")
@@ -143,7 +166,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.dims, args.steps, args.iters, args.seeds = [2, 10], [3, 20], 400, 1
         args.speed_iters, args.speed_rounds = 20, 1
-    bad = [(d, l) for d in args.dims for l in args.steps if d < 2 or (d > 2 and l < 2) or l < 1]
+    if args.cells is not None:
+        if any(len(c) != 2 for c in args.cells):
+            ap.error(f"--cells: expected DxL pairs such as 2x3,10x3, got {args.cells}")
+        args.dims = sorted({d for d, _ in args.cells})
+        args.steps = sorted({l for _, l in args.cells})
+    else:
+        args.cells = [(d, l) for d in args.dims for l in args.steps]
+    args.cells = sorted(set(args.cells))
+    if not (args.lr > 0 and 0 < args.final_lr_frac <= 1 and args.grad_clip > 0):
+        ap.error("--lr and --grad-clip must be positive and --final-lr-frac in (0, 1]")
+    args.recipe = recipe_dict(args.lr, args.schedule, args.final_lr_frac, args.grad_clip)
+    bad = [(d, l) for d, l in args.cells if d < 2 or (d > 2 and l < 2) or l < 1]
     if bad:
         ap.error(f"invalid (D, L) pairs: {bad} (need D >= 2, L >= 1, and L >= 2 for VFlow)")
     return args
@@ -205,21 +239,44 @@ def job_name(dim: int, members: list[tuple[int, int]]) -> str:
 
 RUN_COLUMNS = {"dims": int, "steps": int, "seed": int, "iters": int, "params": int,
                "test_ll": float, "test_elbo": float, "train_s": float, "train_cpu_s": float,
-               "skipped": int}  # fmt: skip
+               "skipped": int, "lr": float, "schedule": str, "final_lr_frac": float,
+               "grad_clip": float}  # fmt: skip
+RECIPE_COLUMNS = tuple(DEFAULT_RECIPE)  # absent from files written before them: today's recipe
+
+
+def recipe_key(run: dict) -> tuple:
+    """What identifies a run's training recipe (``final_lr_frac`` only with a decay)."""
+    frac = run["final_lr_frac"] if run["schedule"] != "constant" else None
+    return (run["lr"], run["schedule"], frac, run["grad_clip"])
+
+
+def excluded_runs(args: argparse.Namespace) -> frozenset:
+    """The (D, L, seed) of the grid ``--dims x --steps`` that are not in ``args.cells``."""
+    cells = set(args.cells)
+    return frozenset(
+        (d, l, s)
+        for d in args.dims
+        for l in args.steps
+        for s in range(args.seeds)
+        if (d, l) not in cells
+    )
 
 
 def load_previous_runs(path: Path, args: argparse.Namespace) -> list[dict]:
-    """The runs of ``path`` (a ``runs.csv``) that belong to this grid: D in ``args.dims``, L in
-    ``args.steps``, seed below ``args.seeds`` and ``args.iters`` iterations, typed as
+    """The runs of ``path`` (a ``runs.csv``) that belong to this grid: (D, L) in
+    ``args.cells``, seed below ``args.seeds``, ``args.iters`` iterations and the recipe
+    ``args.recipe`` (a file without the recipe columns holds today's recipe), typed as
     :func:`run_all` returns them (``test_elbo`` NaN where the file has none). Raises
     ``FileNotFoundError`` for a missing file and ``ValueError`` when a needed column is
     missing or a run appears twice."""
-    rows = read_typed_csv(path, RUN_COLUMNS, optional=("test_elbo",), what="--previous-runs")
+    rows = read_typed_csv(path, RUN_COLUMNS, optional=("test_elbo",), what="--previous-runs",
+                          defaults=DEFAULT_RECIPE)  # fmt: skip
+    cells, recipe = set(args.cells), recipe_key(args.recipe)
     keep = [
         r
         for r in rows
-        if r["dims"] in args.dims and r["steps"] in args.steps and r["seed"] < args.seeds
-        and r["iters"] == args.iters
+        if (r["dims"], r["steps"]) in cells and r["seed"] < args.seeds
+        and r["iters"] == args.iters and recipe_key(r) == recipe
     ]  # fmt: skip
     keys = [(r["dims"], r["steps"], r["seed"]) for r in keep]
     if len(set(keys)) != len(keys):
@@ -227,13 +284,22 @@ def load_previous_runs(path: Path, args: argparse.Namespace) -> list[dict]:
     return keep
 
 
-def run_all(args: argparse.Namespace, done=frozenset()) -> list[dict]:
-    """Train and evaluate every (D, L, seed) of the grid but those in ``done`` with
-    ``args.trainer``, jobs longest first in ``args.workers`` processes (each with one torch
-    thread); in this process when ``args.workers == 1``. Returns one dict per run
-    (``train_and_evaluate``'s keys)."""
-    common = dict(iters=args.iters, lr=args.lr, batch=args.batch, samples=args.samples)
+def run_all(args: argparse.Namespace, done=frozenset(), on_runs=None) -> list[dict]:
+    """Train and evaluate every (D, L, seed) of ``args.cells`` but those in ``done`` with
+    ``args.trainer`` and ``args.recipe``, jobs longest first in ``args.workers`` processes
+    (each with one torch thread); in this process when ``args.workers == 1``. Returns one dict
+    per run (``train_and_evaluate``'s keys); ``on_runs`` is called with the list of the runs
+    finished so far each time a job finishes (to write them to disk as they come)."""
+    done = frozenset(done) | excluded_runs(args)
+    common = dict(iters=args.iters, batch=args.batch, samples=args.samples, **args.recipe)
     common.update(density_px=args.density_px, q_base=args.q_base)
+    finished: list[dict] = []
+
+    def collect(out: dict) -> None:
+        finished.extend(out["runs"] if "runs" in out else [out])
+        if on_runs is not None:
+            on_runs(list(finished))
+
     if args.trainer == "single":
         jobs = [
             dict(dim=d, steps=l, seed=s, density=(s == 0 and (d, l) in DENSITY_CELLS), **common)
@@ -243,7 +309,8 @@ def run_all(args: argparse.Namespace, done=frozenset()) -> list[dict]:
             if (d, l, s) not in done
         ]
         jobs.sort(key=lambda j: -(j["steps"] + (j["dim"] > 2)))
-        return run_parallel(train_and_evaluate, jobs, args.workers)
+        run_parallel(train_and_evaluate, jobs, args.workers, on_result=collect)
+        return finished
     plan = plan_jobs(args.dims, args.steps, args.seeds, args.workers, done)
     plan.sort(key=lambda j: -job_cost(*j))
     jobs = [
@@ -259,7 +326,8 @@ def run_all(args: argparse.Namespace, done=frozenset()) -> list[dict]:
         for d, m in plan
     ]
     (args.out / "state").mkdir(parents=True, exist_ok=True)
-    return [run for out in run_parallel(train_ensemble, jobs, args.workers) for run in out["runs"]]
+    run_parallel(train_ensemble, jobs, args.workers, on_result=collect)
+    return finished
 
 
 def _cpu(fn, *a, **kw) -> float:
@@ -275,9 +343,9 @@ def measure_speed(args: argparse.Namespace) -> dict:
     each, alternating over ``args.speed_rounds`` rounds in this process on one thread; and the
     grid's wall time on ``args.workers`` processes predicted from the jobs' measured costs."""
     torch.set_num_threads(1)
-    plan = plan_jobs(args.dims, args.steps, args.seeds, args.workers)
+    plan = plan_jobs(args.dims, args.steps, args.seeds, args.workers, excluded_runs(args))
     ensembles = [ToyEnsemble(d, m, q_base=args.q_base) for d, m in plan]
-    cells = [(d, l) for d in args.dims for l in args.steps]
+    cells = args.cells
     n = args.speed_iters
     ens_cpu, single_cpu = [0.0] * len(plan), {c: 0.0 for c in cells}
     for _ in range(args.speed_rounds):
@@ -294,7 +362,8 @@ def measure_speed(args: argparse.Namespace) -> dict:
         d: (
             sum(c for (dd, _), c in zip(plan, ens_cpu, strict=True) if dd == d)
             / (rounds_iters * sum(len(m) for dd, m in plan if dd == d)),
-            sum(single_cpu[(d, l)] for l in args.steps) / (rounds_iters * len(args.steps)),
+            sum(single_cpu[(d, l)] for dd, l in cells if dd == d)
+            / (rounds_iters * sum(dd == d for dd, _ in cells)),
         )
         for d in args.dims
     }
@@ -339,6 +408,7 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "elbo_mean": elbo_mean,
                 "iters": sel[0]["iters"],
                 "seeds": len(sel),
+                **{k: sel[0][k] for k in RECIPE_COLUMNS if k in sel[0]},
             }
         )
     return rows
@@ -438,6 +508,12 @@ def true_density(n: int) -> np.ndarray:
     return checkerboard_density(pts).view(n, n).numpy()
 
 
+def write_runs(out: Path, runs: list[dict]) -> None:
+    """``out/runs.csv``: one row per run (with its recipe), without densities and curves."""
+    write_csv(out / "runs.csv", [{k: v for k, v in r.items() if k not in ("density", "curve")}
+                                 for r in runs])  # fmt: skip
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -448,17 +524,16 @@ def main(argv=None) -> list[dict]:
     previous = load_previous_runs(args.previous_runs, args) if args.previous_runs else []
     done = frozenset((r["dims"], r["steps"], r["seed"]) for r in previous)
     t0 = time.perf_counter()
-    new_runs = run_all(args, done)
+    # runs.csv is rewritten as each job finishes: a study stopped half-way keeps its finished
+    # runs, and --previous-runs OUT/runs.csv then resumes it
+    new_runs = run_all(args, done, on_runs=lambda new: write_runs(args.out, previous + new))
     wall = time.perf_counter() - t0
     runs = previous + new_runs
     if previous:
         print(f"reused {len(previous)} runs of {args.previous_runs}; trained {len(new_runs)}")
     rows = summarise(runs)
     write_csv(args.out / "results.csv", rows)
-    write_csv(
-        args.out / "runs.csv",
-        [{k: v for k, v in r.items() if k not in ("density", "curve")} for r in runs],
-    )
+    write_runs(args.out, runs)
     plot_ll_vs_params(rows, args.out / "ll_vs_params.png")
     curves = curve_rows(runs, curve_window(args.iters))
     if curves:  # the ensemble trainer records learning curves, the one-model loop does not
@@ -478,6 +553,7 @@ def main(argv=None) -> list[dict]:
         f"\n{len(new_runs)} runs ({args.trainer} trainer), {args.iters} iterations each: grid wall "
         f"time {wall:.0f} s on {args.workers} workers, training CPU {cpu:.0f} s; out: {args.out}"
     )
+    print("recipe: " + ", ".join(f"{k} {v}" for k, v in args.recipe.items()))
     print(f"{'D':>3} {'L':>3} {'params':>7} {'test ll (nats)':>17} {'ELBO':>7} {'paper':>14}")
     for r in rows:
         p = PAPER.get((r["dims"], r["steps"]))

@@ -267,7 +267,9 @@ def test_batched_samplers_draw_the_single_model_streams():
 MEMBERS = [(2, 0), (3, 1), (3, 0), (4, 2)]  # (steps, seed): mixed depths and seeds
 
 
-def assert_members_follow_the_single_loop(dim, members, iters, dtype, atol, q_base=False):
+def assert_members_follow_the_single_loop(
+    dim, members, iters, dtype, atol, q_base=False, lr=1e-3, schedule="constant", grad_clip=100.0
+):
     """Train an ensemble and each member alone; compare losses and final weights."""
     ens = toy.ToyEnsemble(dim, members, q_base=q_base, dtype=dtype)
     for e, (steps, seed) in enumerate(ens.members):  # same initialisation, exactly
@@ -275,12 +277,14 @@ def assert_members_follow_the_single_loop(dim, members, iters, dtype, atol, q_ba
         ref = toy.make_model(dim, steps, q_base).to(dtype)
         for a, b in zip(ref.parameters(), ens.member_model(e).parameters(), strict=True):
             assert torch.equal(a, b)
-    losses = ens.train(iters, chunk=64)  # chunks that do not divide iters
+    lrs = toy.lr_values(lr, schedule, iters)
+    losses = ens.train(iters, chunk=64, lrs=lrs, grad_clip=grad_clip)  # chunks: not dividing
     worst = 0.0
     for e, (steps, seed) in enumerate(ens.members):
         model, ref_losses, skipped = toy.train_single(
-            dim, steps, seed, iters, q_base=q_base, dtype=dtype
-        )
+            dim, steps, seed, iters, lr, q_base=q_base, dtype=dtype, schedule=schedule,
+            grad_clip=grad_clip,
+        )  # fmt: skip
         assert skipped == 0
         torch.testing.assert_close(losses[:, e], ref_losses, atol=atol, rtol=0)
         got = dict(ens.member_model(e).named_parameters())
@@ -439,3 +443,152 @@ def test_resumed_training_follows_the_uninterrupted_trajectory(tmp_path):
         toy.ToyEnsemble(6, MEMBERS).load_state_dict(saved["ensemble"])
     with pytest.raises(ValueError, match="checkpoint_every"):
         toy.train_resumable(first, 40, 1e-3, 64, tmp_path / "x.pt", every=15, chunk=10)
+
+
+# ------------------------------------------------------------------ training recipe (issue 30)
+
+
+def test_the_default_recipe_is_todays():
+    """Defaults everywhere are the recipe of the 100k grid: Adam 1e-3, constant, clipping at
+    100. The one-model loop with its defaults takes exactly the steps of a plain Adam loop
+    with those settings (float64, 40 steps of a 10-D VFlow, bit for bit), and the script's
+    defaults record that recipe."""
+    want = {"lr": 1e-3, "schedule": "constant", "final_lr_frac": 0.01, "grad_clip": 100.0}
+    assert toy.DEFAULT_RECIPE == want
+    assert load_script().parse_args([]).recipe == want
+    assert toy.lr_values(1e-3, "constant", 50) == [1e-3] * 50
+    _, got, _ = toy.train_single(10, 3, seed=3, iters=40, dtype=torch.float64)
+    torch.manual_seed(3)  # the loop of train_single before the recipe options
+    gen = torch.Generator().manual_seed(10_003)
+    model = toy.make_model(10, 3).double()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    want_losses = []
+    for _ in range(40):
+        loss = -model.elbo(toy.sample_checkerboard(64, gen).double()).mean()
+        want_losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
+        opt.step()
+    assert got.tolist() == want_losses
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "exp"])
+def test_decaying_schedules_end_at_the_final_fraction(schedule):
+    """From the base lr at the first iteration to 1% of it at the last, never rising;
+    cosine is at the arithmetic mean of the two half-way, exp at the geometric mean."""
+    iters, lr = 2001, 3e-3
+    lrs = toy.lr_values(lr, schedule, iters)
+    assert len(lrs) == iters and lrs[0] == lr
+    assert lrs[-1] == pytest.approx(0.01 * lr, rel=1e-6)
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(lrs[:-1], lrs[1:], strict=True))
+    mid = (1 + 0.01) / 2 if schedule == "cosine" else 0.1
+    assert lrs[1000] == pytest.approx(mid * lr, rel=1e-6)
+    assert toy.lr_values(lr, schedule, 11, final_frac=0.5)[-1] == pytest.approx(0.5 * lr)
+    with pytest.raises(ValueError, match="schedule"):
+        toy.lr_values(lr, "linear", 5)
+
+
+def test_ensemble_follows_the_single_loop_under_a_schedule_and_clipping():
+    """A cosine schedule at 3e-3 and clipping at 0.5 (active: the norms start above 1) reach
+    both trainers the same way (float64, 1e-10; 150 iterations: three chunks of batches),
+    and change the trajectory."""
+    ens, _ = assert_members_follow_the_single_loop(
+        4, MEMBERS, 150, torch.float64, atol=1e-10, lr=3e-3, schedule="cosine", grad_clip=0.5
+    )
+    plain, _ = assert_members_follow_the_single_loop(4, MEMBERS, 150, torch.float64, atol=1e-10)
+    assert not torch.allclose(ens.blocks[0].data, plain.blocks[0].data, atol=1e-4)
+
+
+def test_resumed_training_continues_the_schedule(tmp_path):
+    """A cosine run saved half-way and resumed takes the second half of the schedule (the
+    same weights as one uninterrupted run, bit for bit); a checkpoint saved for another
+    recipe is refused."""
+    lrs = toy.lr_values(3e-3, "cosine", 40)
+    straight = toy.ToyEnsemble(4, MEMBERS)
+    want = straight.train(40, chunk=10, lrs=lrs)
+    ckpt = tmp_path / "job.pt"
+    first = toy.ToyEnsemble(4, MEMBERS)
+    toy.train_resumable(first, 40, 3e-3, 64, ckpt, every=20, chunk=10, schedule="cosine")
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["schedule"] == "cosine" and saved["done"] == 40
+    saved.update(done=20, losses=saved["losses"][:20])  # as if stopped after the first save
+    first_half = toy.ToyEnsemble(4, MEMBERS)
+    first_half.train(20, chunk=10, lrs=lrs[:20])
+    saved["ensemble"] = first_half.state_dict()
+    torch.save(saved, ckpt)
+    second = toy.ToyEnsemble(4, MEMBERS)
+    got, _ = toy.train_resumable(second, 40, 3e-3, 64, ckpt, every=20, chunk=10,
+                                 schedule="cosine")  # fmt: skip
+    assert torch.equal(got, want)
+    for a, b in zip(second.blocks, straight.blocks, strict=True):
+        assert torch.equal(a.data, b.data)
+    plain, _ = toy.train_resumable(toy.ToyEnsemble(4, MEMBERS), 40, 3e-3, 64, None, chunk=10,
+                                   schedule="cosine")  # fmt: skip
+    assert torch.equal(plain, want)  # without a checkpoint too
+    with pytest.raises(ValueError, match="checkpoint: .* recipe"):
+        toy.train_resumable(toy.ToyEnsemble(4, MEMBERS), 40, 3e-3, 64, ckpt, every=20,
+                            chunk=10, schedule="exp")  # fmt: skip
+
+
+def test_recipe_options_cells_and_runs_written_as_jobs_finish(tmp_path):
+    """``--cells`` trains only the listed cells; every row of runs.csv carries the recipe;
+    runs.csv is rewritten as each job finishes; ``--previous-runs`` reuses only runs of the
+    same recipe, and a file without the recipe columns (docs/toy_runs_100k.csv) holds
+    today's recipe."""
+    script = load_script()
+    common = ["--iters", "30", "--seeds", "2", "--samples", "4", "--density-px", "8"]
+    common += ["--workers", "1", "--speed-iters", "0", "--cells", "2x3,10x2"]
+    args = script.parse_args(common + ["--schedule", "cosine", "--lr", "3e-3", "--out",
+                                       str(tmp_path / "a")])  # fmt: skip
+    assert args.cells == [(2, 3), (10, 2)] and args.dims == [2, 10] and args.steps == [2, 3]
+    seen = []
+    runs = script.run_all(args, on_runs=lambda r: seen.append(len(r)))
+    assert seen == [2, 4]  # one call per job (one job per D), with the runs so far
+    assert sorted((r["dims"], r["steps"]) for r in runs) == [(2, 3), (2, 3), (10, 2), (10, 2)]
+    assert all((r["lr"], r["schedule"], r["grad_clip"]) == (3e-3, "cosine", 100.0) for r in runs)
+    script.write_runs(tmp_path, runs)
+    for schedule, reused in [("cosine", 4), ("constant", 0)]:
+        a = script.parse_args(common + ["--schedule", schedule, "--lr", "3e-3"])
+        assert len(script.load_previous_runs(tmp_path / "runs.csv", a)) == reused
+    old = Path(__file__).resolve().parents[1] / "docs" / "toy_runs_100k.csv"
+    with open(old) as f:
+        assert "schedule" not in f.readline()  # written before the recipe columns
+    grid = ["--iters", "100000", "--seeds", "5"]
+    assert len(script.load_previous_runs(old, script.parse_args(grid))) == 175
+    assert script.load_previous_runs(old, script.parse_args(grid + ["--lr", "3e-3"])) == []
+    cut = script.parse_args(grid + ["--cells", "2x3,10x3"])
+    assert len(script.load_previous_runs(old, cut)) == 10
+
+
+def test_ablation_driver_tiny(tmp_path, capsys):
+    """benchmarks/toy_ablation.py on a tiny budget: every recipe's runs land in the CSV with
+    their recipe; the table compares each recipe with today's (delta of the means, Welch p);
+    running it again trains nothing."""
+    load_script()  # puts benchmarks/ on sys.path
+    import toy_ablation
+
+    argv = ["--iters", "20", "--seeds", "2", "--samples", "4", "--jobs", "2x3", "--recipes",
+            "1e-3:constant,3e-3:cosine", "--csv", str(tmp_path / "runs.csv"),
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    rows = toy_ablation.main(argv)
+    with open(tmp_path / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert (
+        sorted((r["lr"], r["schedule"]) for r in runs)
+        == [("0.001", "constant")] * 2 + [("0.003", "cosine")] * 2
+    )
+    assert [(r["cell"], r["recipe"], r["seeds"]) for r in rows] == [
+        ("3-step Glow", "1e-3:constant", 2), ("3-step Glow", "3e-3:cosine", 2)]  # fmt: skip
+    ll = {key: [float(r["test_ll"]) for r in runs if r["schedule"] == key] for key in
+          ("constant", "cosine")}  # fmt: skip
+    assert rows[1]["delta"] == pytest.approx(np.mean(ll["cosine"]) - np.mean(ll["constant"]))
+    assert 0 < rows[1]["welch_p"] <= 1 and math.isnan(rows[0]["welch_p"])
+    capsys.readouterr()
+    toy_ablation.main(argv + ["--curves-csv", str(tmp_path / "curves.csv")])
+    assert "===" not in capsys.readouterr().out  # nothing left to train
+    with open(tmp_path / "curves.csv") as f:
+        curves = list(csv.DictReader(f))
+    assert len(curves) == 2 * 2 * 10  # recipes x seeds x windows of 2 iterations
+    assert {r["recipe"] for r in curves} == {"1e-3:constant", "3e-3:cosine"}
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -266,6 +266,53 @@ def density_grid(model: nn.Module, n: int = 128, samples: int = 100, lim: float 
     return log_likelihood(model, pts, samples, chunk=256).exp().view(n, n)
 
 
+SCHEDULES = ("constant", "cosine", "exp")
+# Today's (and the 100k grid's) recipe: Adam 1e-3, constant, gradient norm clipped at 100.
+DEFAULT_RECIPE = {"lr": 1e-3, "schedule": "constant", "final_lr_frac": 0.01, "grad_clip": 100.0}
+
+
+def make_lr_scheduler(
+    opt: torch.optim.Optimizer, schedule: str, iters: int, final_frac: float = 0.01
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule of a toy run, as a ``torch.optim.lr_scheduler`` on ``opt``,
+    stepped once per iteration: ``"constant"`` (the base lr throughout: today's recipe),
+    ``"cosine"`` (``CosineAnnealingLR`` from the base lr at iteration 0 to ``final_frac`` of it
+    at the last iteration, ``iters - 1``) or ``"exp"`` (``ExponentialLR``, the same end
+    points, a constant factor per iteration)."""
+    sched = torch.optim.lr_scheduler
+    last = max(iters - 1, 1)
+    if schedule == "constant":
+        return sched.LambdaLR(opt, lambda _: 1.0)
+    if schedule == "cosine":
+        base = opt.param_groups[0]["lr"]
+        return sched.CosineAnnealingLR(opt, T_max=last, eta_min=final_frac * base)
+    if schedule == "exp":
+        return sched.ExponentialLR(opt, gamma=final_frac ** (1 / last))
+    raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+
+
+def lr_values(lr: float, schedule: str, iters: int, final_frac: float = 0.01) -> list[float]:
+    """The learning rate of each of ``iters`` iterations under :func:`make_lr_scheduler`
+    (tabulated on a throw-away optimiser): the one place both trainers take it from."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    scheduler = make_lr_scheduler(opt, schedule, iters, final_frac)
+    out = []
+    for _ in range(iters):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()  # no gradient: a no-op, keeps the scheduler's call-order check quiet
+        scheduler.step()
+    return out
+
+
+def recipe_dict(lr: float, schedule: str, final_lr_frac: float, grad_clip: float) -> dict:
+    """The training-recipe columns of a run's row (``final_lr_frac`` only matters, and is
+    recorded as given, for a decaying schedule)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+    return {"lr": lr, "schedule": schedule, "final_lr_frac": final_lr_frac,
+            "grad_clip": grad_clip}  # fmt: skip
+
+
 def train_single(
     dim: int,
     steps: int,
@@ -275,6 +322,9 @@ def train_single(
     batch: int = 64,
     q_base: bool = False,
     dtype: torch.dtype = torch.float32,
+    schedule: str = "constant",
+    final_lr_frac: float = 0.01,
+    grad_clip: float = 100.0,
 ) -> tuple[nn.Module, Tensor, int]:
     """The one-model loop (the reference for :func:`train_ensemble`).
 
@@ -282,18 +332,22 @@ def train_single(
     initialisation and VFlow's ``z`` draws come from the global stream), draws batch ``t``
     with ``sample_checkerboard(batch, gen)`` from ``gen`` seeded ``10_000 + seed``, and takes
     ``iters`` Adam steps (``lr``, default betas) on ``-mean(ELBO)`` (the exact negative
-    log-likelihood for a Glow) with the gradient norm clipped at 100; a step whose loss is
-    not finite is skipped. ``dtype`` (float64 for tests) casts the model after its
-    initialisation and each batch after it is drawn. Returns the trained model (in train
+    log-likelihood for a Glow) with the gradient norm clipped at ``grad_clip`` (100; ``inf``:
+    no clipping); a step whose loss is not finite is skipped. The learning rate of iteration
+    ``t`` is ``lr_values(lr, schedule, iters, final_lr_frac)[t]`` (default: constant).
+    ``dtype`` (float64 for tests) casts the model after its initialisation and each batch
+    after it is drawn. Returns the trained model (in train
     mode), the per-iteration losses, shape ``(iters,)``, and the number of skipped steps.
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(10_000 + seed)
     model = make_model(dim, steps, q_base).to(dtype)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    lrs = lr_values(lr, schedule, iters, final_lr_frac)
     losses = torch.empty(iters, dtype=dtype)
     skipped = 0
     for it in range(iters):
+        opt.param_groups[0]["lr"] = lrs[it]
         loss = -model.elbo(sample_checkerboard(batch, gen).to(dtype)).mean()
         losses[it] = loss.detach()
         opt.zero_grad(set_to_none=True)
@@ -301,7 +355,7 @@ def train_single(
             skipped += 1
             continue
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
     return model, losses, skipped
 
@@ -318,6 +372,9 @@ def train_and_evaluate(
     density_px: int = 128,
     threads: int | None = 1,
     q_base: bool = False,
+    schedule: str = "constant",
+    final_lr_frac: float = 0.01,
+    grad_clip: float = 100.0,
 ) -> dict:
     """One run with the one-model loop: :func:`train_single`, then the ``samples``-sample
     log-likelihood on :func:`fixed_test_set` (continuing the global random stream). Returns
@@ -325,7 +382,11 @@ def train_and_evaluate(
     if threads is not None:
         torch.set_num_threads(threads)
     t0, c0 = time.perf_counter(), time.process_time()
-    model, _, skipped = train_single(dim, steps, seed, iters, lr, batch, q_base)
+    recipe = recipe_dict(lr, schedule, final_lr_frac, grad_clip)
+    model, _, skipped = train_single(
+        dim, steps, seed, iters, lr, batch, q_base,
+        schedule=schedule, final_lr_frac=final_lr_frac, grad_clip=grad_clip,
+    )  # fmt: skip
     train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     model.eval()
     ll = log_likelihood(model, fixed_test_set(), samples)
@@ -339,6 +400,7 @@ def train_and_evaluate(
         "train_s": train_s,
         "train_cpu_s": train_cpu_s,
         "skipped": skipped,
+        **recipe,
     }
     if density:
         out["density"] = density_grid(model, density_px, samples).numpy()
@@ -718,10 +780,13 @@ class ToyEnsemble:
                 t[rows] = s
         self.adam_steps[members] -= 1
 
-    def train_step(self, x: Tensor, noise: Tensor | None, lr: float) -> Tensor:
+    def train_step(
+        self, x: Tensor, noise: Tensor | None, lr: float, grad_clip: float = 100.0
+    ) -> Tensor:
         """One Adam step of every member on its batch ``x[e]`` (``(E, B, 2)``): loss
-        ``-mean_b ELBO``, backward, per-member clipping at 100 and Adam; a member whose loss is
-        not finite keeps its weights and Adam state (``train_single`` skips the step).
+        ``-mean_b ELBO``, backward, per-member clipping at ``grad_clip`` and Adam; a member
+        whose loss is not finite keeps its weights and Adam state (``train_single`` skips the
+        step).
         Returns the losses, ``(E,)``."""
         losses = -self.log_weight(x, noise).mean(dim=1)
         for blk in self.blocks:
@@ -729,7 +794,7 @@ class ToyEnsemble:
         with warnings.catch_warnings():  # our grads are strided views of the flat buffer, so
             warnings.filterwarnings("ignore", "grad and param do not obey")  # by design
             losses.sum().backward()
-        self.clip_grad_norm_(100.0)
+        self.clip_grad_norm_(grad_clip)
         bad = ~torch.isfinite(losses)
         if bad.any():
             saved = self._snapshot(bad)
@@ -774,16 +839,29 @@ class ToyEnsemble:
                          state["data_gens"] + state["noise_gens"], strict=True):  # fmt: skip
             g.set_state(st)
 
-    def train(self, iters: int, lr: float = 1e-3, batch: int = 64, chunk: int = 250) -> Tensor:
+    def train(
+        self,
+        iters: int,
+        lr: float = 1e-3,
+        batch: int = 64,
+        chunk: int = 250,
+        lrs=None,
+        grad_clip: float = 100.0,
+    ) -> Tensor:
         """``iters`` steps of :meth:`train_step`, drawing the batches ``chunk`` iterations at a
-        time. Returns the losses, ``(iters, E)``."""
+        time; iteration ``t`` uses ``lrs[t]`` if given (a schedule from :func:`lr_values`),
+        else ``lr``. Returns the losses, ``(iters, E)``."""
+        if lrs is None:
+            lrs = [lr] * iters
+        if len(lrs) != iters:
+            raise ValueError(f"lrs: expected {iters} learning rates, got {len(lrs)}")
         losses = torch.empty(iters, len(self), dtype=self.dtype)
         for start in range(0, iters, chunk):
             n = min(chunk, iters - start)
             xs, noises = self.draw(n, batch)
             for i in range(n):
                 losses[start + i] = self.train_step(
-                    xs[i], None if noises is None else noises[i], lr
+                    xs[i], None if noises is None else noises[i], lrs[start + i], grad_clip
                 )
         return losses
 
@@ -863,15 +941,24 @@ def train_resumable(
     checkpoint: str | Path | None = None,
     every: int = 5000,
     chunk: int = 250,
+    schedule: str = "constant",
+    final_lr_frac: float = 0.01,
+    grad_clip: float = 100.0,
 ) -> tuple[Tensor, float]:
-    """``ens.train(iters, lr, batch)``, saving the ensemble every ``every`` iterations to
+    """``ens.train(iters, lr, batch)`` with the learning rates ``lr_values(lr, schedule,
+    iters, final_lr_frac)`` (indexed by the absolute iteration, so a resumed run continues
+    the schedule) and clipping at ``grad_clip``, saving the ensemble every ``every`` iterations to
     ``checkpoint`` (atomically: written to a temporary file, then renamed) and, if that file
     exists, continuing from it. ``every`` must be a multiple of ``chunk``, so the batches are
     drawn in the same chunks as in one uninterrupted call and the trajectory is the same bit
     for bit. Returns the losses of all ``iters`` iterations, ``(iters, E)``, and the training
-    CPU-seconds recorded by earlier sessions. Without ``checkpoint``: one call of ``train``."""
+    CPU-seconds recorded by earlier sessions. Without ``checkpoint``: one call of ``train``.
+    A checkpoint saved for another budget or recipe is refused (``ValueError``); one saved
+    before the recipe was recorded counts as the default recipe."""
+    lrs = lr_values(lr, schedule, iters, final_lr_frac)
+    recipe = {"schedule": schedule, "final_lr_frac": final_lr_frac, "grad_clip": grad_clip}
     if checkpoint is None:
-        return ens.train(iters, lr, batch, chunk), 0.0
+        return ens.train(iters, lr, batch, chunk, lrs, grad_clip), 0.0
     if every <= 0 or every % chunk:
         raise ValueError(f"checkpoint_every: expected a positive multiple of {chunk}, got {every}")
     path = Path(checkpoint)
@@ -882,14 +969,20 @@ def train_resumable(
             raise ValueError(f"checkpoint: {path} was saved for iters/lr/batch "
                              f"{saved['iters']}/{saved['lr']}/{saved['batch']}, not "
                              f"{iters}/{lr}/{batch}")  # fmt: skip
+        theirs = {k: saved.get(k, DEFAULT_RECIPE[k]) for k in recipe}
+        if theirs != recipe:
+            raise ValueError(f"checkpoint: {path} was saved for the recipe {theirs}, not {recipe}")
         ens.load_state_dict(saved["ensemble"])
         losses, done, cpu_before = saved["losses"], saved["done"], saved["cpu_s"]
     c0 = time.process_time()
     while done < iters:
         n = min(every, iters - done)
-        losses = torch.cat([losses, ens.train(n, lr, batch, chunk)])
+        losses = torch.cat(
+            [losses, ens.train(n, lr, batch, chunk, lrs[done : done + n], grad_clip)]
+        )
         done += n
         state = {"iters": iters, "lr": lr, "batch": batch, "done": done, "losses": losses,
+                 **recipe,
                  "cpu_s": cpu_before + time.process_time() - c0,
                  "ensemble": ens.state_dict()}  # fmt: skip
         tmp = path.with_suffix(".tmp")
@@ -912,6 +1005,9 @@ def train_ensemble(
     curve_every: int = 1000,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 5000,
+    schedule: str = "constant",
+    final_lr_frac: float = 0.01,
+    grad_clip: float = 100.0,
 ) -> dict:
     """:func:`train_and_evaluate` for every ``(steps, seed)`` of ``members`` (one ``dim``) at
     once with a :class:`ToyEnsemble`; ``density`` lists the ``(steps, seed)`` members whose
@@ -924,12 +1020,18 @@ def train_ensemble(
     ``curve_every`` iterations (fresh data every batch, so an unbiased estimate of the
     population ELBO at that point of training), nats.
 
-    With ``checkpoint`` (a file path) training is resumable: see :func:`train_resumable`."""
+    With ``checkpoint`` (a file path) training is resumable: see :func:`train_resumable`.
+    ``schedule``, ``final_lr_frac``, ``grad_clip``: the recipe (see :func:`train_single`),
+    recorded in every run's dict with ``lr``."""
+    recipe = recipe_dict(lr, schedule, final_lr_frac, grad_clip)
     if threads is not None:
         torch.set_num_threads(threads)
     ens = ToyEnsemble(dim, list(members), q_base=q_base)
     t0, c0 = time.perf_counter(), time.process_time()
-    losses, resumed_cpu_s = train_resumable(ens, iters, lr, batch, checkpoint, checkpoint_every)
+    losses, resumed_cpu_s = train_resumable(
+        ens, iters, lr, batch, checkpoint, checkpoint_every,
+        schedule=schedule, final_lr_frac=final_lr_frac, grad_clip=grad_clip,
+    )  # fmt: skip
     train_s = time.perf_counter() - t0 + resumed_cpu_s  # wall of earlier sessions ~ their CPU
     train_cpu_s = time.process_time() - c0 + resumed_cpu_s
     ll, elbo = ens.log_likelihood(fixed_test_set(), samples, return_elbo=True)
@@ -950,6 +1052,7 @@ def train_ensemble(
             "train_s": train_s / len(ens),
             "train_cpu_s": train_cpu_s / len(ens),
             "skipped": int((~torch.isfinite(losses[:, e])).sum()),
+            **recipe,
         }
         if (steps, seed) in set(map(tuple, density)):
             run["density"] = ens.density_grid(e, density_px, samples).numpy()
