@@ -367,9 +367,9 @@ def avg_pool(data: ImageData, factor: int = 2) -> ImageData:
 def load_dataset(
     name: str, split: str = "train", data_dir: str | None = None, flip: bool = False
 ) -> ImageData:
-    """Dispatch on the dataset name (one of :data:`DATASETS`). ``split`` is "train" or "test"
+    """Dispatch on the dataset name (one of ``DATASETS``). ``split`` is "train" or "test"
     for every dataset; the IDX datasets also have "valid". ``data_dir`` defaults to
-    :data:`FASHION_MNIST_DIR` for fashion-mnist (required for cifar10, imagenet*, mnist)."""
+    ``FASHION_MNIST_DIR`` for fashion-mnist (required for cifar10, imagenet*, mnist)."""
     if name in ("fashion-mnist", "mnist"):
         if data_dir is None and name == "fashion-mnist":
             data_dir = FASHION_MNIST_DIR

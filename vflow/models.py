@@ -240,10 +240,12 @@ class ModelConfig:
 
     @property
     def dims(self) -> int:
+        """D = C * H * W of the data: bits/dim = -log p(x) / (D log 2) for log p in nats."""
         c, h, w = self.data_shape
         return c * h * w
 
     def to_dict(self) -> dict:
+        """The config as JSON-ready values (its step specs as strings), as run.json keeps it."""
         d = dataclasses.asdict(self)
         for key in ("p", "q", "r"):
             d[key] = [str(s) for s in getattr(self, key)]

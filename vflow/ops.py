@@ -5,7 +5,7 @@ For an input ``x`` of shape (B, *S) the parameters are ONE tensor ``params`` of 
 logits, K means and K log-scales. A conv output of C*(2+3K) channels viewed as
 (B, 2+3K, C, H, W) is this layout without a copy. With s_k = max(log_scale_k, -7),
 F(x) = sum_k softmax(logits)_k sigmoid((x - mean_k) exp(-s_k)) and eps = 0.05 if ``smooth``
-(VFlow, paper appendix B) else 0 (Flow++)::
+(VFlow, paper appendix B) else 0 (Flow++):
 
     G      = eps + (1 - 2 eps) F(x)
     y      = exp(tanh(a_raw)) * logit(G) + b
