@@ -10,9 +10,18 @@ stopped at any point keeps everything finished; running the same command again s
 runs already in ``--csv`` and resumes an interrupted job from its checkpoint under
 ``--out``. ``--deadline HH:MM`` (UTC) starts no job after that time.
 
+A recipe is ``lr:schedule`` plus optional parts: a bare number (``--final-lr-frac``),
+``clipX`` (``--grad-clip X``) and ``factor=value`` for the model and data factors of
+``toy_checkerboard.py`` (``scale``, ``activation``, ``mixing``, ``q_base``, ``q_steps``,
+``train_set``), e.g. ``3e-3:cosine:activation=tanh`` or ``3e-3:cosine:clip10``: issue 30's
+one-factor-at-a-time screen. Run names are canonical (:func:`recipe_of`: default parts
+left out, the parts in a fixed order).
+
 The table (``--table-only`` rebuilds it from ``--csv`` without training): per cell and
 recipe the mean and sample std of the test log-likelihood over seeds, the difference from
-today's recipe at the same iterations and Welch's t-test p-value against it.
+a base recipe at the same iterations and Welch's t-test p-value against it: for a plain
+``lr:schedule`` recipe the base is today's (``1e-3:constant``), for a recipe with further
+parts it is its own ``lr:schedule`` without them (the factor's effect alone).
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toy_checkerboard as tc  # noqa: E402
 from _common import mean_std, read_typed_csv, write_csv  # noqa: E402
 
-from vflow.toy import DEFAULT_RECIPE  # noqa: E402
+from vflow.toy import DEFAULT_FACTORS, DEFAULT_RECIPE  # noqa: E402
 
 CELLS = [(2, 3), (10, 3), (2, 20), (6, 10)]
 CELL_NAMES = {(2, 3): "3-step Glow", (10, 3): "3-step 10-D VFlow", (2, 20): "20-step Glow",
@@ -42,28 +51,74 @@ RECIPES = [BASELINE, "1e-3:cosine", "3e-3:constant", "3e-3:cosine", "3e-4:consta
            "3e-4:cosine"]  # fmt: skip
 
 
-def parse_recipe(text: str) -> tuple[float, str]:
-    lr, schedule = text.split(":")
-    return float(lr), schedule
+FACTOR_TYPES = {"scale": str, "activation": str, "mixing": str,
+                "q_base": lambda s: s.lower() in ("true", "1"), "q_steps": int,
+                "train_set": int}  # fmt: skip
+
+
+def parse_recipe(text: str) -> dict:
+    """``lr:schedule[:part...]`` -> the recipe and factor values it sets (the rest default):
+    ``{"lr", "schedule", ...}``; parts: a number (``final_lr_frac``), ``clipX``
+    (``grad_clip``), ``factor=value``."""
+    lr, schedule, *parts = text.split(":")
+    out = {"lr": float(lr), "schedule": schedule}
+    for part in parts:
+        if "=" in part:
+            key, value = part.split("=", 1)
+            if key not in FACTOR_TYPES:
+                raise ValueError(f"recipe {text!r}: unknown factor {key!r}")
+            out[key] = FACTOR_TYPES[key](value)
+        elif part.startswith("clip"):
+            out["grad_clip"] = float(part[4:])
+        else:
+            out["final_lr_frac"] = float(part)
+    return out
+
+
+def recipe_cli(recipe: dict) -> list[str]:
+    """The ``toy_checkerboard.py`` options of a :func:`parse_recipe` dict."""
+    cli = ["--lr", str(recipe["lr"]), "--schedule", recipe["schedule"]]
+    for key, value in recipe.items():
+        if key in ("lr", "schedule"):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key == "q_base":
+            cli += [flag] if value else []
+        else:
+            cli += [flag, str(value)]
+    return cli
+
+
+def base_of(name: str) -> str:
+    """The base recipe a recipe is compared with: ``lr:schedule`` without its other parts;
+    today's recipe for a plain ``lr:schedule``."""
+    plain = ":".join(name.split(":")[:2])
+    return BASELINE if plain == name else plain
 
 
 def recipe_of(run: dict) -> str:
-    """``lr:schedule`` of a run (``final_lr_frac`` appended when not the default)."""
+    """``lr:schedule`` of a run (``final_lr_frac`` appended when not the default, then
+    ``clipX`` and ``factor=value`` for every non-default clipping and factor)."""
     mantissa, exponent = f"{run['lr']:e}".split("e")
     name = f"{float(mantissa):g}e{int(exponent)}:{run['schedule']}"
     if run["schedule"] != "constant" and run["final_lr_frac"] != DEFAULT_RECIPE["final_lr_frac"]:
         name += f":{run['final_lr_frac']:g}"
     if run["grad_clip"] != DEFAULT_RECIPE["grad_clip"]:
         name += f":clip{run['grad_clip']:g}"
+    for key, default in DEFAULT_FACTORS.items():
+        value = run.get(key, default)
+        if value != default:
+            name += f":{key}={value}"
     return name
 
 
 def read_runs(path: Path) -> list[dict]:
     """The runs of a ``runs.csv`` as written by ``toy_checkerboard.py`` (every column kept;
-    the recipe columns typed, today's recipe where the file has none)."""
+    the recipe and factor columns typed, today's recipe where the file has none)."""
     if not path.exists():
         return []
-    typed = read_typed_csv(path, tc.RUN_COLUMNS, optional=("test_elbo",), defaults=DEFAULT_RECIPE)
+    typed = read_typed_csv(path, tc.RUN_COLUMNS, optional=("test_elbo",),
+                           defaults=tc.RECIPE_DEFAULTS)  # fmt: skip
     with open(path, newline="") as f:
         raw = list(csv.DictReader(f))
     return [{**r, **t} for r, t in zip(raw, typed, strict=True)]
@@ -82,24 +137,31 @@ def merge(csv_path: Path, new: list[dict]) -> list[dict]:
     runs = read_runs(csv_path)
     have = {run_key(r) for r in runs}
     runs += [r for r in new if run_key(r) not in have]
-    runs.sort(key=lambda r: (r["iters"], RECIPES.index(recipe_of(r)) if recipe_of(r) in RECIPES
-                             else 99, r["dims"], r["steps"], r["seed"]))  # fmt: skip
+    runs.sort(key=lambda r: (r["iters"], recipe_order(recipe_of(r)), r["dims"], r["steps"],
+                             r["seed"]))  # fmt: skip
     write_csv(csv_path, [{k: r[k] for k in COLUMNS} for r in runs])
     return runs
 
 
+def recipe_order(name: str) -> tuple:
+    """Sort key of a recipe name: the lr:schedule recipes in ``RECIPES`` order, each followed
+    by its factor variants (alphabetically), then the rest."""
+    plain = ":".join(name.split(":")[:2])
+    return (RECIPES.index(plain) if plain in RECIPES else 99, plain, name != plain, name)
+
+
 def table(runs: list[dict], iters: int) -> list[dict]:
-    """One row per (cell, recipe) at ``iters``: n, mean, std, delta and Welch p vs today's."""
+    """One row per (cell, recipe) at ``iters``: n, mean, std, delta and Welch p vs the
+    recipe's base (:func:`base_of`; column ``base``)."""
     from scipy.stats import ttest_ind
 
     runs = [r for r in runs if r["iters"] == iters]
     rows = []
-    recipes = sorted({recipe_of(r) for r in runs},
-                     key=lambda n: RECIPES.index(n) if n in RECIPES else 99)  # fmt: skip
+    recipes = sorted({recipe_of(r) for r in runs}, key=recipe_order)
     for cell in CELLS:
-        base = [r["test_ll"] for r in runs if (r["dims"], r["steps"]) == cell
-                and recipe_of(r) == BASELINE]  # fmt: skip
         for name in recipes:
+            base = [r["test_ll"] for r in runs if (r["dims"], r["steps"]) == cell
+                    and recipe_of(r) == base_of(name)]  # fmt: skip
             ll = [r["test_ll"] for r in runs if (r["dims"], r["steps"]) == cell
                   and recipe_of(r) == name]  # fmt: skip
             if not ll:
@@ -107,6 +169,7 @@ def table(runs: list[dict], iters: int) -> list[dict]:
             mean, std = mean_std(ll)
             row = {"dims": cell[0], "steps": cell[1], "cell": CELL_NAMES[cell], "recipe": name,
                    "iters": iters, "seeds": len(ll), "ll_mean": mean, "ll_std": std,
+                   "base": base_of(name) if name != BASELINE else "",
                    "delta": math.nan, "welch_p": math.nan}  # fmt: skip
             if name != BASELINE and len(base) >= 2 and len(ll) >= 2:
                 row["delta"] = mean - sum(base) / len(base)
@@ -116,11 +179,12 @@ def table(runs: list[dict], iters: int) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'cell':>20} {'recipe':>14} {'n':>2} {'test ll':>17} {'delta':>7} {'Welch p':>8}")
+    w = max([14] + [len(r["recipe"]) for r in rows])
+    print(f"{'cell':>20} {'recipe':>{w}} {'n':>2} {'test ll':>17} {'delta':>7} {'Welch p':>8}")
     for r in rows:
         d = "" if math.isnan(r["delta"]) else f"{r['delta']:+.3f}"
         p = "" if math.isnan(r["welch_p"]) else f"{r['welch_p']:.3g}"
-        print(f"{r['cell']:>20} {r['recipe']:>14} {r['seeds']:>2} "
+        print(f"{r['cell']:>20} {r['recipe']:>{w}} {r['seeds']:>2} "
               f"{r['ll_mean']:>8.3f} +- {r['ll_std']:.3f} {d:>7} {p:>8}")  # fmt: skip
 
 
@@ -149,7 +213,7 @@ def plot_curves(curves: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(CELLS), figsize=(4 * len(CELLS), 3.4))
     for ax, cell in zip(axes, CELLS, strict=True):
         sel = [c for c in curves if (c["dims"], c["steps"]) == cell]
-        for name in [n for n in RECIPES if any(c["recipe"] == n for c in sel)]:
+        for name in sorted({c["recipe"] for c in sel}, key=recipe_order):
             pts = sorted({c["iter"] for c in sel if c["recipe"] == name})
             med = [np.median([c["train_elbo"] for c in sel if c["recipe"] == name
                               and c["iter"] == i]) for i in pts]  # fmt: skip
@@ -169,7 +233,8 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--recipes", default=",".join(RECIPES), help="lr:schedule,... in run order")
+    ap.add_argument("--recipes", default=",".join(RECIPES),
+                    help="lr:schedule[:factor=value...],... in run order")  # fmt: skip
     ap.add_argument("--jobs", default=";".join(JOBS), help="cells of each job, ';'-separated")
     ap.add_argument("--iters", type=int, default=20_000)
     ap.add_argument("--seeds", type=int, default=5)
@@ -197,10 +262,10 @@ def main(argv=None) -> list[dict]:
         deadline = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
     t0, c0 = time.perf_counter(), time.process_time()
     for recipe in [] if args.table_only else args.recipes.split(","):
-        lr, schedule = parse_recipe(recipe)
+        opts = recipe_cli(parse_recipe(recipe))
         for cells in args.jobs.split(";"):
             cli = ["--cells", cells, "--iters", str(args.iters), "--seeds", str(args.seeds),
-                   "--lr", str(lr), "--schedule", schedule, "--samples", str(args.samples),
+                   *opts, "--samples", str(args.samples),
                    "--workers", "1", "--speed-iters", "0", "--density-px", "32"]  # fmt: skip
             targs = tc.parse_args(cli)
             have = tc.load_previous_runs(args.csv, targs) if args.csv.exists() else []
@@ -209,7 +274,8 @@ def main(argv=None) -> list[dict]:
             if deadline is not None and dt.datetime.now(dt.timezone.utc) >= deadline:
                 print(f"deadline {args.deadline} UTC reached: not starting {recipe} {cells}")
                 break
-            out = args.out / f"{recipe.replace(':', '_')}" / cells.replace(",", "_")
+            name = recipe.replace(":", "_").replace("=", "-")
+            out = args.out / name / cells.replace(",", "_")
             print(f"\n=== {recipe} cells {cells}: {args.seeds} seeds x {args.iters} iterations")
             tc.main(cli + ["--out", str(out)] +
                     (["--previous-runs", str(args.csv)] if args.csv.exists() else []))  # fmt: skip

@@ -92,10 +92,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import mean_std, read_typed_csv, run_parallel, write_csv  # noqa: E402
 
 from vflow.toy import (  # noqa: E402
+    ACTIVATIONS,
+    DEFAULT_FACTORS,
     DEFAULT_RECIPE,
+    MIXINGS,
+    SCALES,
     SCHEDULES,
     ToyEnsemble,
     checkerboard_density,
+    factor_dict,
     recipe_dict,
     train_and_evaluate,
     train_ensemble,
@@ -158,6 +163,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="ensemble trainer: save each job's state every N iterations "
                     "(a multiple of 250) under OUT/state/; rerunning resumes")  # fmt: skip
     ap.add_argument("--q-base", action="store_true", help="q(z|x) with a conditional Gaussian base")
+    ap.add_argument("--q-steps", type=int, default=DEFAULT_FACTORS["q_steps"],
+                    help="conditional Glow steps of q(z|x) (the paper: 1)")  # fmt: skip
+    ap.add_argument("--scale", choices=SCALES, default=DEFAULT_FACTORS["scale"],
+                    help="the couplings' log-scale: tanh3 = 3 tanh(s/3) (today's), sigmoid = "
+                    "log sigmoid(s + 2) (Glow's code), none = unbounded")  # fmt: skip
+    ap.add_argument("--activation", choices=list(ACTIVATIONS),
+                    default=DEFAULT_FACTORS["activation"],
+                    help="hidden activation of the coupling MLPs (today's: relu)")  # fmt: skip
+    ap.add_argument("--mixing", choices=MIXINGS, default=DEFAULT_FACTORS["mixing"],
+                    help="linear: a learned invertible linear map + bias before each coupling "
+                    "(today's); reverse: the fixed reversal only")  # fmt: skip
+    ap.add_argument("--train-set", type=int, default=DEFAULT_FACTORS["train_set"],
+                    help="0: fresh samples every batch (today's); N: a fixed training set of "
+                    "N points drawn once per seed, batches drawn with replacement")  # fmt: skip
     ap.add_argument("--speed-iters", type=int, default=100, help="iterations timed per trainer")
     ap.add_argument("--speed-rounds", type=int, default=2, help="alternating timing rounds")
     ap.add_argument("--speed-only", action="store_true", help="time the trainers, then stop")
@@ -177,6 +196,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not (args.lr > 0 and 0 < args.final_lr_frac <= 1 and args.grad_clip > 0):
         ap.error("--lr and --grad-clip must be positive and --final-lr-frac in (0, 1]")
     args.recipe = recipe_dict(args.lr, args.schedule, args.final_lr_frac, args.grad_clip)
+    if args.q_steps < 1 or args.train_set < 0:
+        ap.error("--q-steps must be at least 1 and --train-set at least 0")
+    args.factors = factor_dict(args.scale, args.activation, args.mixing, args.q_base,
+                               args.q_steps, args.train_set)  # fmt: skip
     bad = [(d, l) for d, l in args.cells if d < 2 or (d > 2 and l < 2) or l < 1]
     if bad:
         ap.error(f"invalid (D, L) pairs: {bad} (need D >= 2, L >= 1, and L >= 2 for VFlow)")
@@ -240,14 +263,20 @@ def job_name(dim: int, members: list[tuple[int, int]]) -> str:
 RUN_COLUMNS = {"dims": int, "steps": int, "seed": int, "iters": int, "params": int,
                "test_ll": float, "test_elbo": float, "train_s": float, "train_cpu_s": float,
                "skipped": int, "lr": float, "schedule": str, "final_lr_frac": float,
-               "grad_clip": float}  # fmt: skip
-RECIPE_COLUMNS = tuple(DEFAULT_RECIPE)  # absent from files written before them: today's recipe
+               "grad_clip": float, "scale": str, "activation": str, "mixing": str,
+               "q_base": lambda s: s.strip().lower() in ("true", "1"), "q_steps": int,
+               "train_set": int}  # fmt: skip
+# absent from files written before them: today's recipe and models
+RECIPE_DEFAULTS = {**DEFAULT_RECIPE, **DEFAULT_FACTORS}
+RECIPE_COLUMNS = tuple(RECIPE_DEFAULTS)
 
 
 def recipe_key(run: dict) -> tuple:
-    """What identifies a run's training recipe (``final_lr_frac`` only with a decay)."""
+    """What identifies a run's training recipe (``final_lr_frac`` only with a decay) and
+    its model and data factors (today's where the run has none)."""
     frac = run["final_lr_frac"] if run["schedule"] != "constant" else None
-    return (run["lr"], run["schedule"], frac, run["grad_clip"])
+    factors = tuple(run.get(k, v) for k, v in DEFAULT_FACTORS.items())
+    return (run["lr"], run["schedule"], frac, run["grad_clip"]) + factors
 
 
 def excluded_runs(args: argparse.Namespace) -> frozenset:
@@ -270,8 +299,8 @@ def load_previous_runs(path: Path, args: argparse.Namespace) -> list[dict]:
     ``FileNotFoundError`` for a missing file and ``ValueError`` when a needed column is
     missing or a run appears twice."""
     rows = read_typed_csv(path, RUN_COLUMNS, optional=("test_elbo",), what="--previous-runs",
-                          defaults=DEFAULT_RECIPE)  # fmt: skip
-    cells, recipe = set(args.cells), recipe_key(args.recipe)
+                          defaults=RECIPE_DEFAULTS)  # fmt: skip
+    cells, recipe = set(args.cells), recipe_key({**args.recipe, **args.factors})
     keep = [
         r
         for r in rows
@@ -292,7 +321,7 @@ def run_all(args: argparse.Namespace, done=frozenset(), on_runs=None) -> list[di
     finished so far each time a job finishes (to write them to disk as they come)."""
     done = frozenset(done) | excluded_runs(args)
     common = dict(iters=args.iters, batch=args.batch, samples=args.samples, **args.recipe)
-    common.update(density_px=args.density_px, q_base=args.q_base)
+    common.update(density_px=args.density_px, **args.factors)
     finished: list[dict] = []
 
     def collect(out: dict) -> None:
@@ -344,7 +373,8 @@ def measure_speed(args: argparse.Namespace) -> dict:
     grid's wall time on ``args.workers`` processes predicted from the jobs' measured costs."""
     torch.set_num_threads(1)
     plan = plan_jobs(args.dims, args.steps, args.seeds, args.workers, excluded_runs(args))
-    ensembles = [ToyEnsemble(d, m, q_base=args.q_base) for d, m in plan]
+    arch = dict(args.factors)
+    ensembles = [ToyEnsemble(d, m, **arch) for d, m in plan]
     cells = args.cells
     n = args.speed_iters
     ens_cpu, single_cpu = [0.0] * len(plan), {c: 0.0 for c in cells}
@@ -352,7 +382,7 @@ def measure_speed(args: argparse.Namespace) -> dict:
         for j, ens in enumerate(ensembles):
             ens_cpu[j] += _cpu(ens.train, n, args.lr, args.batch)
         for d, l in cells:
-            single_cpu[(d, l)] += _cpu(train_single, d, l, 0, n, args.lr, args.batch, args.q_base)
+            single_cpu[(d, l)] += _cpu(train_single, d, l, 0, n, args.lr, args.batch, **arch)
     rounds_iters = n * args.speed_rounds
     per_iter = [c / rounds_iters for c in ens_cpu]  # CPU-s per ensemble iteration, per job
     ens_mi = sum(ens_cpu) / (rounds_iters * sum(len(e) for e in ensembles))
@@ -553,7 +583,7 @@ def main(argv=None) -> list[dict]:
         f"\n{len(new_runs)} runs ({args.trainer} trainer), {args.iters} iterations each: grid wall "
         f"time {wall:.0f} s on {args.workers} workers, training CPU {cpu:.0f} s; out: {args.out}"
     )
-    print("recipe: " + ", ".join(f"{k} {v}" for k, v in args.recipe.items()))
+    print("recipe: " + ", ".join(f"{k} {v}" for k, v in {**args.recipe, **args.factors}.items()))
     print(f"{'D':>3} {'L':>3} {'params':>7} {'test ll (nats)':>17} {'ELBO':>7} {'paper':>14}")
     for r in rows:
         p = PAPER.get((r["dims"], r["steps"]))

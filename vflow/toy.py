@@ -55,11 +55,38 @@ def std_normal_logpdf(e: Tensor) -> Tensor:
     return -0.5 * (e.pow(2) + LOG_2PI).sum(dim=-1)
 
 
-def mlp(n_in: int, n_out: int, hidden: int = 50, layers: int = 2) -> nn.Sequential:
-    """``layers`` hidden ReLU layers of ``hidden`` units; last layer zero (identity flow)."""
+SCALES = ("tanh3", "sigmoid", "none")
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
+MIXINGS = ("linear", "reverse")
+# The model and data factors of issue 30's one-factor-at-a-time screen; the defaults are
+# today's models and data (every run before these options): see :func:`factor_dict`.
+DEFAULT_FACTORS = {"scale": "tanh3", "activation": "relu", "mixing": "linear", "q_base": False,
+                   "q_steps": 1, "train_set": 0}  # fmt: skip
+ARCH_KEYS = ("scale", "activation", "mixing", "q_steps")  # what make_model takes besides q_base
+
+
+def log_scale(s_raw: Tensor, scale: str = "tanh3") -> Tensor:
+    """A coupling's log-scale from its network's raw output: ``"tanh3"`` (today's)
+    ``3 tanh(s_raw / 3)``, in ``(-3, 3)``; ``"sigmoid"`` (Glow's official code)
+    ``log sigmoid(s_raw + 2)``, a scale in ``(0, 1)``, 0.88 at initialisation; ``"none"``
+    ``s_raw`` unbounded."""
+    if scale == "tanh3":
+        return 3.0 * torch.tanh(s_raw / 3.0)
+    if scale == "sigmoid":
+        return nn.functional.logsigmoid(s_raw + 2.0)
+    if scale == "none":
+        return s_raw
+    raise ValueError(f"scale: expected one of {SCALES}, got {scale!r}")
+
+
+def mlp(
+    n_in: int, n_out: int, hidden: int = 50, layers: int = 2, activation: str = "relu"
+) -> nn.Sequential:
+    """``layers`` hidden layers of ``hidden`` units with ``activation`` (ReLU today);
+    last layer zero (identity flow for the ``tanh3`` and ``none`` scales)."""
     mods, width = [], n_in
     for _ in range(layers):
-        mods += [nn.Linear(width, hidden), nn.ReLU()]
+        mods += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
         width = hidden
     last = nn.Linear(width, n_out)
     nn.init.zeros_(last.weight)
@@ -99,21 +126,34 @@ class Reverse(nn.Module):
 class Coupling(nn.Module):
     """Affine coupling on ``x = [x_a, x_b]``, ``x_a = x[:, :split]`` (default ``D // 2``):
     ``y_a = x_a``, ``y_b = x_b * exp(s) + t`` with ``(s, t) = NN([x_a, c])`` one MLP of 2
-    hidden layers of 50 units; the log-scale is bounded, ``s = 3 tanh(s_raw / 3)``.
+    hidden layers of 50 units (``activation``, ReLU today); the log-scale is bounded,
+    ``s = 3 tanh(s_raw / 3)`` (``scale``: see :func:`log_scale`).
     ``logdet = sum(s)``. With ``split = 0`` and a context this is an elementwise affine map
     whose shift and log-scale depend on ``c`` only: a conditional Gaussian layer."""
 
-    def __init__(self, dim: int, cond_dim: int = 0, split: int | None = None, bound: float = 3.0):
+    def __init__(
+        self,
+        dim: int,
+        cond_dim: int = 0,
+        split: int | None = None,
+        bound: float = 3.0,
+        scale: str = "tanh3",
+        activation: str = "relu",
+    ):
         super().__init__()
         self.split = dim // 2 if split is None else split
         self.bound = bound
+        log_scale(torch.zeros(1), scale)  # validates the name
+        self.scale = scale
         n_in = self.split + cond_dim
         assert n_in > 0, "the coupling needs inputs: a split > 0 or a context"
-        self.net = mlp(n_in, 2 * (dim - self.split))
+        self.net = mlp(n_in, 2 * (dim - self.split), activation=activation)
 
     def _scale_shift(self, xa: Tensor, c: Tensor | None):
         h = self.net(xa if c is None else torch.cat([xa, c], dim=1))
         s, t = h.chunk(2, dim=1)
+        if self.scale != "tanh3":
+            return log_scale(s, self.scale), t
         return self.bound * torch.tanh(s / self.bound), t
 
     def forward(self, x: Tensor, c: Tensor | None = None):
@@ -149,11 +189,24 @@ class Flow(nn.Module):
         return y, logdet
 
 
-def glow_steps(dim: int, steps: int, cond_dim: int = 0) -> list[nn.Module]:
-    """``steps`` Glow steps on ``R^dim``: [InvLinear, Coupling, Reverse] each."""
+def glow_steps(
+    dim: int,
+    steps: int,
+    cond_dim: int = 0,
+    scale: str = "tanh3",
+    activation: str = "relu",
+    mixing: str = "linear",
+) -> list[nn.Module]:
+    """``steps`` Glow steps on ``R^dim``: [InvLinear, Coupling, Reverse] each (today's,
+    ``mixing="linear"``), or [Coupling, Reverse] with ``mixing="reverse"`` (a fixed
+    permutation only, RealNVP-style: no learned linear map and no bias)."""
+    if mixing not in MIXINGS:
+        raise ValueError(f"mixing: expected one of {MIXINGS}, got {mixing!r}")
     out = []
     for _ in range(steps):
-        out += [InvLinear(dim), Coupling(dim, cond_dim), Reverse()]
+        if mixing == "linear":
+            out.append(InvLinear(dim))
+        out += [Coupling(dim, cond_dim, scale=scale, activation=activation), Reverse()]
     return out
 
 
@@ -161,10 +214,10 @@ class Glow(nn.Module):
     """``log p(x) = log N(f(x); 0, I) + log|det df/dx|``, ``f`` = ``steps`` Glow steps on
     ``R^dim``; ``x`` has shape ``(N, dim)``. Used alone for ``D = 2`` and as VFlow's p(x, z)."""
 
-    def __init__(self, dim: int, steps: int):
+    def __init__(self, dim: int, steps: int, **arch):
         super().__init__()
         self.dim = dim
-        self.flow = Flow(glow_steps(dim, steps))
+        self.flow = Flow(glow_steps(dim, steps, **arch))
 
     def log_prob(self, x: Tensor) -> Tensor:
         e, logdet = self.flow(x)
@@ -190,11 +243,21 @@ class CondFlow(nn.Module):
     ``Coupling`` with ``split = 0``, ``mu`` and ``log_sigma`` from one MLP of ``x``.
     """
 
-    def __init__(self, dim: int, cond_dim: int, steps: int = 1, gaussian_base: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        cond_dim: int,
+        steps: int = 1,
+        gaussian_base: bool = False,
+        scale: str = "tanh3",
+        activation: str = "relu",
+        mixing: str = "linear",
+    ):
         super().__init__()
-        layers = glow_steps(dim, steps, cond_dim) if dim >= 2 else []
+        arch = dict(scale=scale, activation=activation)
+        layers = glow_steps(dim, steps, cond_dim, mixing=mixing, **arch) if dim >= 2 else []
         if dim == 1 or gaussian_base:
-            layers.append(Coupling(dim, cond_dim, split=0))
+            layers.append(Coupling(dim, cond_dim, split=0, **arch))
         self.flow = Flow(layers)
         self.dim = dim
 
@@ -212,15 +275,27 @@ class CondFlow(nn.Module):
 class VFlow(nn.Module):
     """VFlow with flow dimensionality ``dim = 2 + D_Z`` and ``steps`` = L total steps:
     ``p(x, z)`` = ``Glow(dim, steps - 1)`` on ``[x, z]``; ``q(z|x)`` =
-    ``CondFlow(D_Z, 2, 1, q_base)``: one conditional Glow step (the paper), plus a
-    conditional Gaussian base network if ``q_base``."""
+    ``CondFlow(D_Z, 2, q_steps, q_base)``: one conditional Glow step (the paper;
+    ``q_steps`` of them), plus a conditional Gaussian base network if ``q_base``. ``scale``,
+    ``activation``, ``mixing``: every coupling's and step's (see :func:`glow_steps`)."""
 
-    def __init__(self, dim: int, steps: int, data_dim: int = 2, q_base: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        steps: int,
+        data_dim: int = 2,
+        q_base: bool = False,
+        scale: str = "tanh3",
+        activation: str = "relu",
+        mixing: str = "linear",
+        q_steps: int = 1,
+    ):
         super().__init__()
-        assert dim > data_dim and steps >= 2
+        assert dim > data_dim and steps >= 2 and q_steps >= 1
         self.dim, self.data_dim = dim, data_dim
-        self.p = Glow(dim, steps - 1)
-        self.q = CondFlow(dim - data_dim, data_dim, steps=1, gaussian_base=q_base)
+        arch = dict(scale=scale, activation=activation, mixing=mixing)
+        self.p = Glow(dim, steps - 1, **arch)
+        self.q = CondFlow(dim - data_dim, data_dim, steps=q_steps, gaussian_base=q_base, **arch)
 
     def log_weight(self, x: Tensor) -> Tensor:
         """One-sample ``log p(x, z) - log q(z|x)`` with ``z ~ q(z|x)``: shape ``(N,)``."""
@@ -237,9 +312,22 @@ class VFlow(nn.Module):
         return torch.logsumexp(w, dim=0) - math.log(samples)
 
 
-def make_model(dim: int, steps: int, q_base: bool = False) -> nn.Module:
-    """``Glow(2, steps)`` for ``dim == 2``, else ``VFlow(dim, steps, q_base=q_base)``."""
-    return Glow(2, steps) if dim == 2 else VFlow(dim, steps, q_base=q_base)
+def make_model(
+    dim: int,
+    steps: int,
+    q_base: bool = False,
+    scale: str = "tanh3",
+    activation: str = "relu",
+    mixing: str = "linear",
+    q_steps: int = 1,
+) -> nn.Module:
+    """``Glow(2, steps)`` for ``dim == 2``, else ``VFlow(dim, steps, q_base=q_base)``; the
+    other arguments are the architecture factors (defaults: today's models), see
+    :class:`VFlow` (a Glow ignores ``q_base`` and ``q_steps``)."""
+    arch = dict(scale=scale, activation=activation, mixing=mixing)
+    if dim == 2:
+        return Glow(2, steps, **arch)
+    return VFlow(dim, steps, q_base=q_base, q_steps=q_steps, **arch)
 
 
 def n_params(model: nn.Module) -> int:
@@ -313,6 +401,40 @@ def recipe_dict(lr: float, schedule: str, final_lr_frac: float, grad_clip: float
             "grad_clip": grad_clip}  # fmt: skip
 
 
+def factor_dict(
+    scale: str = "tanh3",
+    activation: str = "relu",
+    mixing: str = "linear",
+    q_base: bool = False,
+    q_steps: int = 1,
+    train_set: int = 0,
+) -> dict:
+    """The model and data factor columns of a run's row (issue 30's one-factor screen),
+    validated; the defaults (:data:`DEFAULT_FACTORS`) are today's models and data.
+
+    ``scale``: the couplings' log-scale (:func:`log_scale`); ``activation``: their MLPs'
+    hidden activation (relu, tanh, elu); ``mixing``: ``"linear"`` (a learned invertible
+    linear map + bias before each coupling) or ``"reverse"`` (the fixed reversal only);
+    ``q_base``, ``q_steps``: q's conditional Gaussian base and number of conditional steps;
+    ``train_set``: 0 for fresh samples every batch, else a fixed training set of that many
+    points drawn once (see :func:`train_single`)."""
+    log_scale(torch.zeros(1), scale)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    if mixing not in MIXINGS:
+        raise ValueError(f"mixing: expected one of {MIXINGS}, got {mixing!r}")
+    if q_steps < 1 or train_set < 0:
+        raise ValueError(f"q_steps >= 1 and train_set >= 0 expected, got {q_steps}, {train_set}")
+    return {"scale": scale, "activation": activation, "mixing": mixing, "q_base": bool(q_base),
+            "q_steps": int(q_steps), "train_set": int(train_set)}  # fmt: skip
+
+
+def draw_train_set(gen: torch.Generator, train_set: int) -> Tensor | None:
+    """The fixed training set of a run, ``sample_checkerboard(train_set, gen)`` drawn from
+    its data generator before any batch (None for ``train_set == 0``: fresh samples)."""
+    return sample_checkerboard(train_set, gen) if train_set else None
+
+
 def train_single(
     dim: int,
     steps: int,
@@ -325,6 +447,11 @@ def train_single(
     schedule: str = "constant",
     final_lr_frac: float = 0.01,
     grad_clip: float = 100.0,
+    scale: str = "tanh3",
+    activation: str = "relu",
+    mixing: str = "linear",
+    q_steps: int = 1,
+    train_set: int = 0,
 ) -> tuple[nn.Module, Tensor, int]:
     """The one-model loop (the reference for :func:`train_ensemble`).
 
@@ -336,19 +463,29 @@ def train_single(
     no clipping); a step whose loss is not finite is skipped. The learning rate of iteration
     ``t`` is ``lr_values(lr, schedule, iters, final_lr_frac)[t]`` (default: constant).
     ``dtype`` (float64 for tests) casts the model after its initialisation and each batch
-    after it is drawn. Returns the trained model (in train
+    after it is drawn. ``scale``, ``activation``, ``mixing``, ``q_steps``: the model
+    (:func:`make_model`). ``train_set`` > 0: a fixed training set of that many points is
+    drawn first from ``gen`` (:func:`draw_train_set`), and batch ``t`` is its points at
+    ``randint(0, train_set, (batch,), generator=gen)`` (uniform, with replacement) instead
+    of fresh samples. Returns the trained model (in train
     mode), the per-iteration losses, shape ``(iters,)``, and the number of skipped steps.
     """
+    factor_dict(scale, activation, mixing, q_base, q_steps, train_set)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(10_000 + seed)
-    model = make_model(dim, steps, q_base).to(dtype)
+    model = make_model(dim, steps, q_base, scale, activation, mixing, q_steps).to(dtype)
+    data = draw_train_set(gen, train_set)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     lrs = lr_values(lr, schedule, iters, final_lr_frac)
     losses = torch.empty(iters, dtype=dtype)
     skipped = 0
     for it in range(iters):
         opt.param_groups[0]["lr"] = lrs[it]
-        loss = -model.elbo(sample_checkerboard(batch, gen).to(dtype)).mean()
+        if data is None:
+            x = sample_checkerboard(batch, gen)
+        else:
+            x = data[torch.randint(0, train_set, (batch,), generator=gen)]
+        loss = -model.elbo(x.to(dtype)).mean()
         losses[it] = loss.detach()
         opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
@@ -375,17 +512,25 @@ def train_and_evaluate(
     schedule: str = "constant",
     final_lr_frac: float = 0.01,
     grad_clip: float = 100.0,
+    scale: str = "tanh3",
+    activation: str = "relu",
+    mixing: str = "linear",
+    q_steps: int = 1,
+    train_set: int = 0,
 ) -> dict:
     """One run with the one-model loop: :func:`train_single`, then the ``samples``-sample
     log-likelihood on :func:`fixed_test_set` (continuing the global random stream). Returns
-    a dict of plain values (and a ``density`` grid if asked)."""
+    a dict of plain values (and a ``density`` grid if asked), with the recipe and the
+    factors (:func:`factor_dict`)."""
     if threads is not None:
         torch.set_num_threads(threads)
     t0, c0 = time.perf_counter(), time.process_time()
     recipe = recipe_dict(lr, schedule, final_lr_frac, grad_clip)
+    factors = factor_dict(scale, activation, mixing, q_base, q_steps, train_set)
     model, _, skipped = train_single(
         dim, steps, seed, iters, lr, batch, q_base,
         schedule=schedule, final_lr_frac=final_lr_frac, grad_clip=grad_clip,
+        scale=scale, activation=activation, mixing=mixing, q_steps=q_steps, train_set=train_set,
     )  # fmt: skip
     train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     model.eval()
@@ -401,6 +546,7 @@ def train_and_evaluate(
         "train_cpu_s": train_cpu_s,
         "skipped": skipped,
         **recipe,
+        **factors,
     }
     if density:
         out["density"] = density_grid(model, density_px, samples).numpy()
@@ -531,24 +677,36 @@ class ParamBlock:
         return views
 
 
-def stacked_mlp(w: dict[str, Tensor], h: Tensor) -> Tensor:
+STACKED_ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "elu": nn.functional.elu}
+
+
+def stacked_mlp(w: dict[str, Tensor], h: Tensor, activation: str = "relu") -> Tensor:
     """The coupling MLP for ``n`` members at once: ``h`` ``(n, B, in)`` -> ``(n, B, out)``,
     ``relu(h W1 + b1)``, ``relu(. W2 + b2)``, ``. W3 + b3`` with ``W_i`` of shape
-    ``(n, in_i, out_i)``."""
-    h = torch.relu(torch.baddbmm(w["b1"], h, w["w1"]))
-    h = torch.relu(torch.baddbmm(w["b2"], h, w["w2"]))
+    ``(n, in_i, out_i)`` (``activation`` in place of relu if given)."""
+    act = STACKED_ACTIVATIONS[activation]
+    h = act(torch.baddbmm(w["b1"], h, w["w1"]))
+    h = act(torch.baddbmm(w["b2"], h, w["w2"]))
     return torch.baddbmm(w["b3"], h, w["w3"])
 
 
 def stacked_coupling(
-    w: dict[str, Tensor], x: Tensor, c: Tensor | None, split: int, inverse: bool = False
+    w: dict[str, Tensor],
+    x: Tensor,
+    c: Tensor | None,
+    split: int,
+    inverse: bool = False,
+    scale: str = "tanh3",
+    activation: str = "relu",
 ) -> tuple[Tensor, Tensor]:
     """:class:`Coupling` for ``n`` members: ``x`` ``(n, B, D)``, context ``c`` ``(n, B, C)``.
     Forward ``y_b = x_b exp(s) + t``, logdet ``sum(s)``; inverse ``(y_b - t) exp(-s)``,
-    ``-sum(s)``; ``s = 3 tanh(s_raw / 3)``. Returns ``(y, logdet)``, ``(n, B, D)``, ``(n, B)``."""
+    ``-sum(s)``; ``s = 3 tanh(s_raw / 3)`` (``scale``: :func:`log_scale`). Returns
+    ``(y, logdet)``, ``(n, B, D)``, ``(n, B)``."""
     xa, xb = x[..., :split], x[..., split:]
-    s, t = stacked_mlp(w, xa if c is None else torch.cat([xa, c], dim=-1)).chunk(2, dim=-1)
-    s = 3.0 * torch.tanh(s / 3.0)
+    h = xa if c is None else torch.cat([xa, c], dim=-1)
+    s, t = stacked_mlp(w, h, activation).chunk(2, dim=-1)
+    s = log_scale(s, scale)
     if inverse:
         return torch.cat([xa, (xb - t) * (-s).exp()], dim=-1), -s.sum(dim=-1)
     return torch.cat([xa, xb * s.exp() + t], dim=-1), s.sum(dim=-1)
@@ -560,26 +718,37 @@ def stacked_glow_step(
     logdet: Tensor,
     c: Tensor | None = None,
     ld: Tensor | None = None,
+    scale: str = "tanh3",
+    activation: str = "relu",
 ) -> tuple[Tensor, Tensor]:
     """One Glow step [InvLinear, Coupling, Reverse] for ``n`` members towards the Gaussian:
     ``x`` ``(n, B, D)`` -> ``x W^T + b`` (logdet ``log|det W|``, ``(n,)``, from ``ld`` if
     given), the coupling, ``flip``; returns the new ``x`` and ``logdet`` ``(n, B)`` plus this
-    step's log-determinant."""
-    if ld is None:
-        ld = torch.linalg.slogdet(w["inv_w"])[1]
-    x = torch.baddbmm(w["inv_b"], x, w["inv_w"].transpose(1, 2))
-    logdet = logdet + ld[:, None]
-    x, ld = stacked_coupling(w, x, c, x.shape[-1] // 2)
+    step's log-determinant. Without an ``inv_w`` field in ``w`` (``mixing="reverse"``) the
+    step is [Coupling, Reverse]."""
+    if "inv_w" in w:
+        if ld is None:
+            ld = torch.linalg.slogdet(w["inv_w"])[1]
+        x = torch.baddbmm(w["inv_b"], x, w["inv_w"].transpose(1, 2))
+        logdet = logdet + ld[:, None]
+    x, ld = stacked_coupling(w, x, c, x.shape[-1] // 2, scale=scale, activation=activation)
     return x.flip(-1), logdet + ld
 
 
 def stacked_glow_step_inverse(
-    w: dict[str, Tensor], y: Tensor, logdet: Tensor, c: Tensor | None = None
+    w: dict[str, Tensor],
+    y: Tensor,
+    logdet: Tensor,
+    c: Tensor | None = None,
+    scale: str = "tanh3",
+    activation: str = "relu",
 ) -> tuple[Tensor, Tensor]:
     """The inverse of :func:`stacked_glow_step` (towards the data); adds
     ``log|det dx/dy|`` to ``logdet`` ``(n, B)``."""
-    y, ld = stacked_coupling(w, y.flip(-1), c, y.shape[-1] // 2, inverse=True)
+    y, ld = stacked_coupling(w, y.flip(-1), c, y.shape[-1] // 2, True, scale, activation)
     logdet = logdet + ld
+    if "inv_w" not in w:
+        return y, logdet
     ld = torch.linalg.slogdet(w["inv_w"])[1]
     x = torch.linalg.solve(w["inv_w"], (y - w["inv_b"]).transpose(1, 2)).transpose(1, 2)
     return x, logdet - ld[:, None]
@@ -601,8 +770,11 @@ class ToyEnsemble:
     :func:`train_single`, so member ``e`` follows the single-model trajectory up to float32
     rounding. Parameters live in :class:`ParamBlock`\\ s: ``p`` (one slot per p step, with
     ``n_k`` members in slot ``k``) and, for a VFlow, ``q`` (one slot, all members: q's step,
-    and its Gaussian base with ``q_base`` or ``D_Z = 1``). ``dtype``: as in
-    :func:`train_single`.
+    and its Gaussian base with ``q_base`` or ``D_Z = 1``; with ``q_steps`` > 1 the steps
+    ``step``, ``step1``, ...). ``dtype``: as in :func:`train_single`. ``scale``,
+    ``activation``, ``mixing``, ``q_steps``, ``train_set``: the factors of
+    :func:`factor_dict`, as in :func:`train_single` (with ``train_set`` each member draws
+    its fixed training set from its data generator here, before any batch).
     """
 
     def __init__(
@@ -611,33 +783,47 @@ class ToyEnsemble:
         members: list[tuple[int, int]],
         q_base: bool = False,
         dtype: torch.dtype = torch.float32,
+        scale: str = "tanh3",
+        activation: str = "relu",
+        mixing: str = "linear",
+        q_steps: int = 1,
+        train_set: int = 0,
     ):
         self.dim, self.q_base, self.dtype = dim, q_base, dtype
+        factor_dict(scale, activation, mixing, q_base, q_steps, train_set)
+        self.arch = {"scale": scale, "activation": activation, "mixing": mixing,
+                     "q_steps": q_steps}  # fmt: skip
+        self.train_set = train_set
+        self._act = {"scale": scale, "activation": activation}  # for the stacked layers
+        inv = mixing == "linear"
         self.members = sorted(members, key=lambda m: -p_depth(dim, m[0]))
         depths = [p_depth(dim, steps) for steps, _ in self.members]
         assert min(depths) >= 1, "every member needs at least one p step"
         self.slot_sizes = [sum(d > k for d in depths) for k in range(max(depths))]
         self.p = ParamBlock(
-            [("step", step_fields(dim, 0, dim // 2, True))], self.slot_sizes, dtype, ("inv_w",)
+            [("step", step_fields(dim, 0, dim // 2, inv))], self.slot_sizes, dtype, ("inv_w",)
         )
         self.dz = dim - 2
         self.q_layers = []
         if self.dz >= 1:
             if self.dz >= 2:
-                self.q_layers.append(("step", step_fields(self.dz, 2, self.dz // 2, True)))
+                for k in range(q_steps):
+                    name = "step" if k == 0 else f"step{k}"
+                    self.q_layers.append((name, step_fields(self.dz, 2, self.dz // 2, inv)))
             if self.dz == 1 or q_base:
                 self.q_layers.append(("base", step_fields(self.dz, 2, 0, False)))
             self.q = ParamBlock(self.q_layers, [len(self.members)], dtype)
         self.blocks = [self.p] + ([self.q] if self.dz else [])
         self.adam_steps = torch.zeros(len(self.members), dtype=torch.float64)
-        self.data_gens, self.noise_gens = [], []
+        self.data_gens, self.noise_gens, self.train_sets = [], [], []
         for e, (steps, seed) in enumerate(self.members):
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
-                model = make_model(dim, steps, q_base).to(dtype)
+                model = make_model(dim, steps, q_base, **self.arch).to(dtype)
                 self.noise_gens.append(torch.Generator())
                 self.noise_gens[-1].set_state(torch.get_rng_state())
             self.data_gens.append(torch.Generator().manual_seed(10_000 + seed))
+            self.train_sets.append(draw_train_set(self.data_gens[-1], train_set))
             self._copy(model, e, into_ensemble=True)
 
     def __len__(self) -> int:
@@ -646,14 +832,21 @@ class ToyEnsemble:
     def _layer_pairs(self, model: nn.Module, e: int):
         """(ensemble views, single-model views) of member ``e``'s layers, one pair per layer."""
         glow = model if self.dim == 2 else model.p
+        per = 3 if self.arch["mixing"] == "linear" else 2  # layers per step
+
+        def step_pair(layers, k):
+            if per == 3:
+                return single_fields(layers[3 * k], layers[3 * k + 1])
+            return single_fields(None, layers[2 * k])
+
         steps = glow.flow.layers
-        for k in range(len(steps) // 3):
-            yield self.p.slots[k]["step"], single_fields(steps[3 * k], steps[3 * k + 1])
+        for k in range(len(steps) // per):
+            yield self.p.slots[k]["step"], step_pair(steps, k)
         if self.dz:
             qs = list(model.q.flow.layers)
             names = [name for name, _ in self.q_layers]
-            if "step" in names:
-                yield self.q.slots[0]["step"], single_fields(qs[0], qs[1])
+            for k, name in enumerate(n for n in names if n.startswith("step")):
+                yield self.q.slots[0][name], step_pair(qs, k)
             if "base" in names:
                 yield self.q.slots[0]["base"], single_fields(None, qs[-1])
 
@@ -670,7 +863,7 @@ class ToyEnsemble:
         """Member ``e`` as a single model (a copy of its current weights), in eval mode."""
         steps, _ = self.members[e]
         with torch.random.fork_rng():
-            model = make_model(self.dim, steps, self.q_base).to(self.dtype)
+            model = make_model(self.dim, steps, self.q_base, **self.arch).to(self.dtype)
         self._copy(model, e, into_ensemble=False)
         return model.eval()
 
@@ -680,13 +873,15 @@ class ToyEnsemble:
         others have finished (sorted by depth) and are set aside."""
         done = []
         logdet = x.new_zeros(x.shape[:2])
-        ld_w = torch.linalg.slogdet(self.p.whole["step"]["inv_w"])[1]  # every slot at once
+        inv = "step" in self.p.whole  # an InvLinear in each step (mixing "linear")
+        if inv:
+            ld_w = torch.linalg.slogdet(self.p.whole["step"]["inv_w"])[1]  # every slot at once
         for k, n in enumerate(self.slot_sizes):
             if n < x.shape[0]:
                 done.append(std_normal_logpdf(x[n:]) + logdet[n:])
                 x, logdet = x[:n], logdet[:n]
-            ld = ld_w[self.p.starts[k] : self.p.starts[k] + n]
-            x, logdet = stacked_glow_step(self.p.slots[k]["step"], x, logdet, ld=ld)
+            ld = ld_w[self.p.starts[k] : self.p.starts[k] + n] if inv else None
+            x, logdet = stacked_glow_step(self.p.slots[k]["step"], x, logdet, ld=ld, **self._act)
         done.append(std_normal_logpdf(x) + logdet)
         return torch.cat(done[::-1], dim=0)
 
@@ -696,10 +891,11 @@ class ToyEnsemble:
         w = self.q.slots[0]
         z, logdet = noise, noise.new_zeros(noise.shape[:2])
         if "base" in w:
-            z, ld = stacked_coupling(w["base"], z, x, 0, inverse=True)
+            z, ld = stacked_coupling(w["base"], z, x, 0, inverse=True, **self._act)
             logdet = logdet + ld
-        if "step" in w:
-            z, logdet = stacked_glow_step_inverse(w["step"], z, logdet, x)
+        for name, _ in reversed(self.q_layers):  # q's steps, last first
+            if name.startswith("step"):
+                z, logdet = stacked_glow_step_inverse(w[name], z, logdet, x, **self._act)
         return z, std_normal_logpdf(noise) - logdet
 
     def log_weight(self, x: Tensor, noise: Tensor | None) -> Tensor:
@@ -713,9 +909,15 @@ class ToyEnsemble:
     def draw(self, iters: int, batch: int) -> tuple[Tensor, Tensor | None]:
         """The next ``iters`` training batches of every member, ``(iters, E, batch, 2)``, and
         their ``z`` noise, ``(iters, E, batch, D_Z)`` (None for a Glow), from the members'
-        own generators."""
-        x = torch.stack([checkerboard_batches(g, iters, batch) for g in self.data_gens], dim=1)
-        x = x.to(self.dtype)
+        own generators (with ``train_set``: points of each member's fixed training set at
+        ``randint(0, train_set, (iters, batch))``, the draws of :func:`train_single`)."""
+        if self.train_set:
+            n = self.train_set
+            xs = [data[torch.randint(0, n, (iters, batch), generator=g)]
+                  for g, data in zip(self.data_gens, self.train_sets, strict=True)]  # fmt: skip
+        else:
+            xs = [checkerboard_batches(g, iters, batch) for g in self.data_gens]
+        x = torch.stack(xs, dim=1).to(self.dtype)
         if not self.dz:
             return x, None
         noise = [normal_batches(g, iters, batch, self.dz, self.dtype) for g in self.noise_gens]
@@ -813,6 +1015,7 @@ class ToyEnsemble:
             "members": list(self.members),
             "q_base": self.q_base,
             "dtype": str(self.dtype),
+            "factors": {**self.arch, "train_set": self.train_set},
             "blocks": [
                 {k: getattr(b, k).clone() for k in ("data", "exp_avg", "exp_avg_sq")}
                 for b in self.blocks
@@ -826,11 +1029,14 @@ class ToyEnsemble:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; raises ``ValueError`` when ``state`` belongs to an
         ensemble of another dimensionality, member list, q base or dtype."""
-        mine = (self.dim, list(self.members), self.q_base, str(self.dtype))
-        theirs = (state["dim"], [tuple(m) for m in state["members"]], state["q_base"])
-        if mine != theirs + (state["dtype"],):
-            raise ValueError(f"state: saved for (dim, members, q_base, dtype) "
-                             f"{theirs + (state['dtype'],)}, this ensemble is {mine}")  # fmt: skip
+        factors = {**self.arch, "train_set": self.train_set}
+        saved_factors = {k: state.get("factors", {}).get(k, DEFAULT_FACTORS[k]) for k in factors}
+        mine = (self.dim, list(self.members), self.q_base, str(self.dtype), factors)
+        theirs = (state["dim"], [tuple(m) for m in state["members"]], state["q_base"],
+                  state["dtype"], saved_factors)  # fmt: skip
+        if mine != theirs:
+            raise ValueError(f"state: saved for (dim, members, q_base, dtype, factors) "
+                             f"{theirs}, this ensemble is {mine}")  # fmt: skip
         for blk, saved in zip(self.blocks, state["blocks"], strict=True):
             for k, t in saved.items():
                 getattr(blk, k).copy_(t)
@@ -1008,6 +1214,11 @@ def train_ensemble(
     schedule: str = "constant",
     final_lr_frac: float = 0.01,
     grad_clip: float = 100.0,
+    scale: str = "tanh3",
+    activation: str = "relu",
+    mixing: str = "linear",
+    q_steps: int = 1,
+    train_set: int = 0,
 ) -> dict:
     """:func:`train_and_evaluate` for every ``(steps, seed)`` of ``members`` (one ``dim``) at
     once with a :class:`ToyEnsemble`; ``density`` lists the ``(steps, seed)`` members whose
@@ -1018,15 +1229,19 @@ def train_ensemble(
     Each run also has ``test_elbo`` (the ELBO on the test set from the same ``samples`` draws
     as ``test_ll``) and ``curve``: the training ELBO averaged over consecutive windows of
     ``curve_every`` iterations (fresh data every batch, so an unbiased estimate of the
-    population ELBO at that point of training), nats.
+    population ELBO at that point of training; with ``train_set`` the ELBO on the fixed
+    training set), nats.
 
     With ``checkpoint`` (a file path) training is resumable: see :func:`train_resumable`.
     ``schedule``, ``final_lr_frac``, ``grad_clip``: the recipe (see :func:`train_single`),
-    recorded in every run's dict with ``lr``."""
+    recorded in every run's dict with ``lr``; ``scale``, ``activation``, ``mixing``,
+    ``q_base``, ``q_steps``, ``train_set``: the factors (:func:`factor_dict`), recorded too."""
     recipe = recipe_dict(lr, schedule, final_lr_frac, grad_clip)
+    factors = factor_dict(scale, activation, mixing, q_base, q_steps, train_set)
     if threads is not None:
         torch.set_num_threads(threads)
-    ens = ToyEnsemble(dim, list(members), q_base=q_base)
+    ens = ToyEnsemble(dim, list(members), q_base=q_base, scale=scale, activation=activation,
+                      mixing=mixing, q_steps=q_steps, train_set=train_set)  # fmt: skip
     t0, c0 = time.perf_counter(), time.process_time()
     losses, resumed_cpu_s = train_resumable(
         ens, iters, lr, batch, checkpoint, checkpoint_every,
@@ -1053,6 +1268,7 @@ def train_ensemble(
             "train_cpu_s": train_cpu_s / len(ens),
             "skipped": int((~torch.isfinite(losses[:, e])).sum()),
             **recipe,
+            **factors,
         }
         if (steps, seed) in set(map(tuple, density)):
             run["density"] = ens.density_grid(e, density_px, samples).numpy()
