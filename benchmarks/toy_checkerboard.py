@@ -69,6 +69,20 @@ runs.csv and results.csv records them (columns lr, schedule, final_lr_frac, grad
 ``--previous-runs`` file without those columns holds the default recipe, and only its runs of
 the requested recipe are reused. ``--cells 2x3,10x3`` trains only the listed (D, L) cells.
 runs.csv is rewritten as each job finishes, so a stopped study keeps its finished runs.
+Model and data factors (issue 30's one-factor-at-a-time screen; the defaults are today's
+models and data, bit for bit): ``--scale`` the couplings' log-scale, ``tanh3`` (``3
+tanh(s/3)``, today's), ``sigmoid`` (Glow's code: scale ``sigmoid(s + 2)``, in (0, 1), 0.88 at
+initialisation) or ``none`` (unbounded ``s``); ``--activation`` of the coupling MLPs' hidden
+layers, relu (today's), tanh or elu; ``--mixing`` ``linear`` (today's learned invertible
+linear map + bias before each coupling; the step has no ActNorm) or ``reverse`` (the fixed
+reversal only, RealNVP-style); ``--q-steps`` conditional Glow steps of q (1, the paper);
+``--train-set N`` a fixed training set of N points per seed, drawn once from the seed's data
+generator, batches drawn from it uniformly with replacement (0, today's: fresh samples every
+batch). Every option applies to every coupling and step, p's and q's (q's Gaussian base
+too), and works with both trainers (the ensemble follows the one-model loop under each,
+tested). Every row of runs.csv and results.csv records them (columns scale, activation,
+mixing, q_base, q_steps, train_set; absent columns read as today's) and ``--previous-runs``
+reuses only runs with the same values.
 ``benchmarks/toy_ablation.py`` runs issue 30's screening ablation with these options.
 ``--quick`` trains D in {2, 10} x L in {3, 20} for 400 iterations with 1 seed (about a
 minute with the speed measurement).

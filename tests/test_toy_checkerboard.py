@@ -63,13 +63,26 @@ FLOWS = {
     "q D_Z=8": (lambda: toy.CondFlow(8, 2).flow, 8, 2),
     "q D_Z=2": (lambda: toy.CondFlow(2, 2).flow, 2, 2),
     "q D_Z=1 (Gaussian)": (lambda: toy.CondFlow(1, 2).flow, 1, 2),
+    # issue 30's factors
+    "glow D=4 L=2 scale sigmoid": (lambda: toy.Glow(4, 2, scale="sigmoid").flow, 4, 0),
+    # unbounded log-scales of a 0.3-perturbed net overflow exp(): a smaller perturbation
+    "glow D=4 L=2 scale none": (lambda: toy.Glow(4, 2, scale="none").flow, 4, 0, 0.05),
+    "glow D=4 L=2 tanh": (lambda: toy.Glow(4, 2, activation="tanh").flow, 4, 0),
+    "glow D=4 L=2 elu": (lambda: toy.Glow(4, 2, activation="elu").flow, 4, 0),
+    "glow D=4 L=2 reverse": (lambda: toy.Glow(4, 2, mixing="reverse").flow, 4, 0),
+    "q D_Z=4 two steps + base": (lambda: toy.CondFlow(4, 2, 2, True).flow, 4, 2),
+    "q D_Z=4 reverse sigmoid": (
+        lambda: toy.CondFlow(4, 2, gaussian_base=True, mixing="reverse", scale="sigmoid").flow,
+        4,
+        2,
+    ),
 }
 
 
 @pytest.mark.parametrize("name", list(FLOWS))
 def test_inverse_and_logdet(name):
-    make, dim, cdim = FLOWS[name]
-    flow = perturbed(make())
+    make, dim, cdim, *scale = FLOWS[name]
+    flow = perturbed(make(), *scale)
     x = 2 * torch.randn(5, dim, dtype=torch.float64)
     c = torch.randn(5, cdim, dtype=torch.float64) if cdim else None
     y, logdet = flow(x, c)
@@ -592,3 +605,213 @@ def test_ablation_driver_tiny(tmp_path, capsys):
     assert len(curves) == 2 * 2 * 10  # recipes x seeds x windows of 2 iterations
     assert {r["recipe"] for r in curves} == {"1e-3:constant", "3e-3:cosine"}
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+# ------------------------------------------------------ model and data factors (issue 30)
+
+FACTOR_LEVELS = [
+    {"scale": "sigmoid"},
+    {"scale": "none"},
+    {"activation": "tanh"},
+    {"activation": "elu"},
+    {"mixing": "reverse"},
+    {"q_steps": 2},
+    {"q_steps": 2, "q_base": True, "mixing": "reverse", "scale": "sigmoid"},
+    {"train_set": 300},
+]
+
+
+def test_the_default_factors_are_todays():
+    """Every factor's default is today's model and data: the script records them, and a
+    model built with them spelled out is today's model, bit for bit, in the same RNG state."""
+    want = {"scale": "tanh3", "activation": "relu", "mixing": "linear", "q_base": False,
+            "q_steps": 1, "train_set": 0}  # fmt: skip
+    assert toy.DEFAULT_FACTORS == want == toy.factor_dict()
+    assert load_script().parse_args([]).factors == want
+    for dim in (2, 10):
+        torch.manual_seed(5)
+        today = toy.make_model(dim, 3)
+        state = torch.get_rng_state()
+        torch.manual_seed(5)
+        spelled = toy.make_model(dim, 3, False, "tanh3", "relu", "linear", 1)
+        assert torch.equal(state, torch.get_rng_state())
+        assert str(today) == str(spelled)
+        for a, b in zip(today.parameters(), spelled.parameters(), strict=True):
+            assert torch.equal(a, b)
+    _, got, _ = toy.train_single(10, 3, 1, 20, dtype=torch.float64)
+    _, spelled, _ = toy.train_single(10, 3, 1, 20, dtype=torch.float64, **{
+        k: v for k, v in want.items() if k != "q_base"})  # fmt: skip
+    assert torch.equal(got, spelled)
+    assert isinstance(today.p.flow.layers[1].net[1], torch.nn.ReLU)
+
+
+def test_each_factor_changes_the_model_as_claimed():
+    """scale: the coupling's log-scale is 3 tanh(s/3), log sigmoid(s + 2) or s itself;
+    activation: the MLP's hidden modules; mixing reverse: no InvLinear (L (D^2 + D) fewer
+    parameters), [Coupling, Reverse] per step; q_steps 2: two conditional couplings in q;
+    bad names are refused."""
+    raw = torch.linspace(-8, 8, 9)[:, None].repeat(1, 2)
+    torch.testing.assert_close(toy.log_scale(raw, "tanh3"), 3 * torch.tanh(raw / 3))
+    torch.testing.assert_close(toy.log_scale(raw, "sigmoid"), torch.sigmoid(raw + 2).log())
+    assert torch.equal(toy.log_scale(raw, "none"), raw)
+    c = toy.Coupling(4, scale="sigmoid")  # zero last layer: scale sigmoid(2) at init
+    y, ld = c(torch.ones(3, 4))
+    torch.testing.assert_close(y[:, 2:], torch.full((3, 2), torch.sigmoid(torch.tensor(2.0))))
+    torch.testing.assert_close(ld, torch.full((3,), 2 * math.log(torch.sigmoid(torch.tensor(2.0)))))
+    big = toy.Coupling(2, scale="none")
+    with torch.no_grad():
+        big.net[-1].bias.fill_(10.0)
+    assert big(torch.ones(1, 2))[1].item() == pytest.approx(10.0)  # beyond tanh3's bound
+    for name, cls in [("tanh", torch.nn.Tanh), ("elu", torch.nn.ELU), ("relu", torch.nn.ReLU)]:
+        acts = [m for m in toy.make_model(10, 3, activation=name).modules()
+                if isinstance(m, (torch.nn.ReLU, torch.nn.Tanh, torch.nn.ELU))]  # fmt: skip
+        assert acts and all(type(m) is cls for m in acts)
+    for d, l in [(2, 20), (10, 3)]:
+        lin, rev = toy.make_model(d, l), toy.make_model(d, l, mixing="reverse")
+        n_inv = (l if d == 2 else (l - 1)) * (d * d + d) + (0 if d == 2 else (d - 2) ** 2 + d - 2)
+        assert toy.n_params(lin) - toy.n_params(rev) == n_inv
+        assert not any(isinstance(m, toy.InvLinear) for m in rev.modules())
+    glow = toy.make_model(2, 3, mixing="reverse").flow.layers
+    assert [type(m).__name__ for m in glow] == ["Coupling", "Reverse"] * 3
+    q2 = toy.make_model(10, 3, q_steps=2).q.flow.layers
+    assert [type(m).__name__ for m in q2] == ["InvLinear", "Coupling", "Reverse"] * 2
+    for bad in [dict(scale="exp"), dict(activation="gelu"), dict(mixing="shuffle"),
+                dict(q_steps=0), dict(train_set=-1)]:  # fmt: skip
+        with pytest.raises(ValueError):
+            toy.factor_dict(**bad)
+
+
+def test_a_fixed_training_set_is_drawn_once_and_batches_come_from_it():
+    """train_set N: the N points are sample_checkerboard(N) from the run's data generator;
+    every training batch (both trainers) holds only those points; more iterations than
+    N / batch reuse points; fresh sampling never repeats one."""
+    n, seed = 200, 3
+    want = toy.sample_checkerboard(n, torch.Generator().manual_seed(10_000 + seed))
+    ens = toy.ToyEnsemble(2, [(2, seed)], train_set=n)
+    assert torch.equal(ens.train_sets[0], want)
+    x, _ = ens.draw(40, 64)
+    pts = x.reshape(-1, 2)
+    member = (pts[:, None, :] == want[None]).all(-1).any(-1)
+    assert member.all() and len(torch.unique(pts, dim=0)) <= n
+    fresh, _ = toy.ToyEnsemble(2, [(2, seed)]).draw(40, 64)
+    assert len(torch.unique(fresh.reshape(-1, 2), dim=0)) == 40 * 64
+    a, la, _ = toy.train_single(2, 2, seed, 30, train_set=n, dtype=torch.float64)
+    b, lb, _ = toy.train_single(2, 2, seed, 30, dtype=torch.float64)
+    assert not torch.equal(la, lb)
+
+
+@pytest.mark.parametrize("factors", FACTOR_LEVELS, ids=lambda f: ",".join(f"{k}={v}" for k, v in
+                                                                         f.items()))  # fmt: skip
+def test_ensemble_follows_the_single_loop_under_each_factor(factors):
+    """Each factor level reaches both trainers the same way (float64, 1e-10; a Glow and a
+    6-D VFlow, mixed depths, 70 iterations: several chunks of batches), and moves the
+    trajectory away from today's."""
+    factors = dict(factors)
+    q_base = factors.pop("q_base", False)
+    members = [(2, 0), (3, 1)]
+    for dim in (2, 6):
+        ens = toy.ToyEnsemble(dim, members, q_base=q_base, dtype=torch.float64, **factors)
+        losses = ens.train(70, lr=3e-3, chunk=32)
+        plain = toy.ToyEnsemble(dim, members, dtype=torch.float64).train(70, lr=3e-3, chunk=32)
+        if dim > 2 or not (set(factors) <= {"q_steps"}):
+            assert not torch.allclose(losses, plain, atol=1e-6)
+        for e, (steps, seed) in enumerate(ens.members):
+            model, ref, _ = toy.train_single(dim, steps, seed, 70, 3e-3, q_base=q_base,
+                                             dtype=torch.float64, **factors)  # fmt: skip
+            torch.testing.assert_close(losses[:, e], ref, atol=1e-10, rtol=0)
+            got = dict(ens.member_model(e).named_parameters())
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(got[name], p, atol=1e-10, rtol=0, msg=name)
+        x = toy.fixed_test_set(50).double()
+        ll = ens.log_likelihood(x, samples=4)
+        for e, (steps, seed) in enumerate(ens.members):
+            model, _, _ = toy.train_single(dim, steps, seed, 70, 3e-3, q_base=q_base,
+                                           dtype=torch.float64, **factors)  # fmt: skip
+            want = toy.log_likelihood(model.eval(), x, samples=4)
+            torch.testing.assert_close(ll[e], want, atol=1e-10, rtol=0)
+
+
+def test_a_checkpoint_of_other_factors_is_refused(tmp_path):
+    ens = toy.ToyEnsemble(6, MEMBERS, activation="tanh", q_steps=2)
+    state = ens.state_dict()
+    toy.ToyEnsemble(6, MEMBERS, activation="tanh", q_steps=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="state: saved for"):
+        toy.ToyEnsemble(6, MEMBERS, q_steps=2).load_state_dict(state)
+    old = toy.ToyEnsemble(6, MEMBERS).state_dict()
+    del old["factors"]  # saved before the factors existed: today's
+    toy.ToyEnsemble(6, MEMBERS).load_state_dict(old)
+
+
+def test_factor_columns_roundtrip_and_previous_runs_match_them(tmp_path):
+    """Both trainers record the factors in every row; runs.csv and results.csv carry them;
+    --previous-runs reuses only runs of the same factors, and an old file (no factor
+    columns) holds today's."""
+    script = load_script()
+    common = ["--iters", "20", "--seeds", "2", "--samples", "4", "--density-px", "8",
+              "--workers", "1", "--speed-iters", "0", "--cells", "10x2"]  # fmt: skip
+    opts = ["--activation", "elu", "--q-steps", "2", "--train-set", "500", "--q-base"]
+    for trainer in ("ensemble", "single"):
+        out = tmp_path / trainer
+        script.main(common + opts + ["--trainer", trainer, "--out", str(out)])
+        with open(out / "runs.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 2
+        for r in rows:
+            assert (r["activation"], r["q_steps"], r["train_set"], r["q_base"], r["scale"],
+                    r["mixing"]) == ("elu", "2", "500", "True", "tanh3", "linear")  # fmt: skip
+        with open(out / "results.csv") as f:
+            assert list(csv.DictReader(f))[0]["activation"] == "elu"
+        for extra, reused in [(opts, 2), (opts[:-1], 0), (opts[2:], 0), ([], 0),
+                              (opts[:2] + opts[4:], 0)]:  # fmt: skip
+            args = script.parse_args(common + extra)
+            assert len(script.load_previous_runs(out / "runs.csv", args)) == reused, extra
+    old = Path(__file__).resolve().parents[1] / "docs" / "toy_runs_100k.csv"
+    grid = ["--iters", "100000", "--seeds", "5", "--cells", "2x3"]
+    assert len(script.load_previous_runs(old, script.parse_args(grid))) == 5
+    for extra in (["--scale", "none"], ["--mixing", "reverse"], ["--train-set", "10"]):
+        assert script.load_previous_runs(old, script.parse_args(grid + extra)) == []
+
+
+def test_ablation_recipes_carry_factors(tmp_path):
+    """A recipe string names its factors; recipe_of(run) gives it back canonically; the
+    table compares a factor recipe with its own lr:schedule (delta of the means, Welch p),
+    a plain lr:schedule with today's."""
+    load_script()
+    import toy_ablation as ta
+
+    got = ta.parse_recipe("3e-3:cosine:0.1:clipinf:activation=tanh:q_base=true:train_set=10")
+    assert got == {"lr": 3e-3, "schedule": "cosine", "final_lr_frac": 0.1,
+                   "grad_clip": math.inf, "activation": "tanh", "q_base": True,
+                   "train_set": 10}  # fmt: skip
+    run = {**toy.DEFAULT_RECIPE, **toy.DEFAULT_FACTORS, **got}
+    assert ta.recipe_of(run) == "3e-3:cosine:0.1:clipinf:activation=tanh:q_base=True:train_set=10"
+    assert ta.parse_recipe(ta.recipe_of(run)) == got
+    assert ta.base_of("3e-3:cosine:scale=none") == "3e-3:cosine"
+    assert ta.base_of("3e-3:cosine") == "1e-3:constant"
+    with pytest.raises(ValueError, match="unknown factor"):
+        ta.parse_recipe("1e-3:constant:colour=red")
+    argv = ["--iters", "20", "--seeds", "2", "--samples", "4", "--jobs", "10x2", "--recipes",
+            "3e-3:cosine,3e-3:cosine:scale=none,3e-3:cosine:mixing=reverse",
+            "--csv", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "out")]  # fmt: skip
+    ta.CELLS.append((10, 2))
+    ta.CELL_NAMES[(10, 2)] = "2-step 10-D VFlow"
+    try:
+        rows = ta.main(argv)
+    finally:
+        ta.CELLS.remove((10, 2))
+        del ta.CELL_NAMES[(10, 2)]
+    with open(tmp_path / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert sorted({(r["scale"], r["mixing"]) for r in runs}) == [
+        ("none", "linear"), ("tanh3", "linear"), ("tanh3", "reverse")]  # fmt: skip
+    by = {r["recipe"]: r for r in rows}
+    assert list(by) == ["3e-3:cosine", "3e-3:cosine:mixing=reverse", "3e-3:cosine:scale=none"]
+    ll = lambda sc, mx: [float(r["test_ll"]) for r in runs  # noqa: E731
+                         if (r["scale"], r["mixing"]) == (sc, mx)]  # fmt: skip
+    row = by["3e-3:cosine:scale=none"]
+    assert row["base"] == "3e-3:cosine"
+    assert row["delta"] == pytest.approx(
+        np.mean(ll("none", "linear")) - np.mean(ll("tanh3", "linear"))
+    )
+    assert 0 < row["welch_p"] <= 1
+    assert math.isnan(by["3e-3:cosine"]["delta"])  # today's recipe is not in the file
