@@ -26,11 +26,12 @@ checkpoint and sample grid) and of the evaluation.
 Output: one row per run in ``--csv`` (default ``docs/precision_study.csv``; ``--quick``
 writes ``results/precision_study_quick.csv``); runs already in the CSV (same config, seed,
 precision, steps, samples and test images) are skipped, so a stopped study resumes. Then a
-paired table: per seed fp32 and bf16-nets bpd and their difference (bf16 - fp32), the
-mean difference +- its sample std over seeds, a paired t-test p-value (scipy's
-``ttest_rel`` when installed, else :func:`paired_stats`' own Student-t tail) and the CPU
-step-time ratio bf16/fp32. The step time on this CPU says nothing about a GPU, where bf16
-autocast is the point.
+paired table over every seed of this setting in the CSV: per seed fp32 and bf16-nets bpd
+and their difference (bf16 - fp32), the mean difference +- its sample std over seeds with
+its 95% confidence interval, a paired t-test p-value (scipy's ``ttest_rel`` when
+installed, else :func:`paired_stats`' own Student-t tail) and the CPU step-time ratio
+bf16/fp32. The step time on this CPU says nothing about a GPU, where bf16 autocast is the
+point.
 
     python benchmarks/precision_study.py                  # 5 seeds x 2 precisions, 1,000 steps
     python benchmarks/precision_study.py --seeds 8        # adds seeds 5-7 to the same CSV
@@ -134,6 +135,16 @@ def p_value(a, b) -> tuple[float, str]:
     if len(a) < 2:
         return math.nan, "scipy"
     return float(ttest_rel(b, a).pvalue), "scipy"
+
+
+def ci95_halfwidth(std: float, n: int) -> float:
+    """Half-width of the 95% confidence interval of a mean of ``n`` paired differences with
+    sample std ``std``: t_{0.975, n-1} std / sqrt(n) (nan without scipy or for n < 2)."""
+    try:
+        from scipy.stats import t
+    except ImportError:
+        return math.nan
+    return float(t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n >= 2 else math.nan
 
 
 def training_log(metrics_path: Path) -> dict:
@@ -303,6 +314,7 @@ def paired_table(rows: list[dict], config: str, steps, samples: int, test_images
         a, b = [r[f"{m}_fp32"] for r in ps], [r[f"{m}_bf16"] for r in ps]
         st = paired_stats(a, b)
         st["p"], st["p_from"] = p_value(a, b) if len(a) >= 2 else (math.nan, "-")
+        st["ci95"] = ci95_halfwidth(st["std"], st["n"])
         st["fp32_mean"], st["bf16_mean"] = (
             (statistics.fmean(a), statistics.fmean(b)) if a else (math.nan, math.nan)
         )
@@ -341,7 +353,8 @@ def print_table(table: dict, a) -> None:
         print(
             f"{name:4s} bpd: fp32 {st['fp32_mean']:.4f} (seed std {st['fp32_std']:.4f}), "
             f"bf16-nets {st['bf16_mean']:.4f}; bf16 - fp32 = {st['mean']:+.4f} +- "
-            f"{st['std']:.4f} (n = {st['n']}), paired t-test p = {st['p']:.3g} ({st['p_from']})"
+            f"{st['std']:.4f} (n = {st['n']}; 95% CI +-{st['ci95']:.4f}), paired t-test "
+            f"p = {st['p']:.3g} ({st['p_from']})"
         )
     q = table["stats"]["step_ratio"]
     print(

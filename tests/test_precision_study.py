@@ -45,6 +45,8 @@ def test_paired_stats_equal_scipy_ttest_rel_and_numpy(script):
     assert got["t"] == pytest.approx(ref.statistic, rel=1e-10)
     assert got["p"] == pytest.approx(ref.pvalue, rel=1e-9)
     assert script.p_value(a, b) == (pytest.approx(ref.pvalue, rel=1e-12), "scipy")
+    lo, hi = ref.confidence_interval(0.95)
+    assert script.ci95_halfwidth(got["std"], 5) == pytest.approx((hi - lo) / 2, rel=1e-10)
 
 
 def test_paired_stats_degenerate_cases(script):
