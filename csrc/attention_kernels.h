@@ -45,22 +45,6 @@ VF_INLINE int64_t qkv_offset(const AArgs& a, int64_t n) {
   return ((n / a.heads) * 3 * a.heads + n % a.heads) * a.d * a.T;
 }
 
-// Load nv <= W consecutive values (zero padded) / store the first nv lanes.
-template <typename T>
-VF_INLINE typename VecTraits<T>::V load_part(const T* p, int64_t nv) {
-  if (nv == VecTraits<T>::W) return vload<T>(p);
-  alignas(64) T tmp[VecTraits<T>::W] = {};
-  for (int64_t l = 0; l < nv; ++l) tmp[l] = p[l];
-  return vload<T>(tmp);
-}
-template <typename T>
-VF_INLINE void store_part(T* p, typename VecTraits<T>::V v, int64_t nv) {
-  if (nv == VecTraits<T>::W) return vstore<T>(p, v);
-  alignas(64) T tmp[VecTraits<T>::W];
-  vstore<T>(tmp, v);
-  for (int64_t l = 0; l < nv; ++l) p[l] = tmp[l];
-}
-
 template <typename T, int D>
 VF_INLINE void attn_fwd_head(const AArgs& a, int64_t n) {
   typedef typename VecTraits<T>::V V;

@@ -1,5 +1,6 @@
-// vflow._C: fused CPU kernels of the mixture-of-logistics coupling and of small-head
-// softmax attention (attention_kernels.h).
+// vflow._C: fused CPU kernels of the mixture-of-logistics coupling, of small-head softmax
+// attention (attention_kernels.h) and of the networks' concat-ELU and channel layer norm
+// (net_kernels.h).
 //
 // Contract (see vflow/reference.py): coupling_fwd, coupling_bwd, coupling_inv on CPU,
 // contiguous float32/float64 tensors. Work is split into tasks (sample b, chunk of CHUNK
@@ -18,6 +19,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -31,6 +33,7 @@ namespace vk = vflow_kernels;
 namespace {
 
 using vk::AttnFn;
+using vk::NetFn;
 using vk::KernelSet;
 using vk::TaskFn;
 
@@ -260,6 +263,141 @@ torch::Tensor attention_bwd(const torch::Tensor& qkv, const torch::Tensor& out, 
   return gqkv;
 }
 
+// --- the networks' concat-ELU and channel layer norm ------------------------------------------
+
+void run_net(NetFn fn, const vk::NArgs& a, int64_t batch) {
+  pybind11::gil_scoped_release nogil;
+  at::parallel_for(0, batch * a.nchunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) fn(a, t);
+  });
+}
+
+// Validates x (B, C, ...) and fills C, N, nchunks. Returns B.
+int64_t setup_net(vk::NArgs& a, const torch::Tensor& x, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), what, ": x must be a contiguous CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, what,
+              ": float32 or float64 expected, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 2, what, ": x must be (B, C, ...), got shape ", x.sizes());
+  a.C = x.size(1);
+  a.N = x.numel() / std::max<int64_t>(x.size(0) * a.C, 1);
+  a.nchunks = (a.N + vk::CHUNK - 1) / vk::CHUNK;
+  a.x = x.data_ptr();
+  return x.size(0);
+}
+
+std::vector<int64_t> doubled_channels(const torch::Tensor& x) {
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes[1] *= 2;
+  return sizes;
+}
+
+torch::Tensor concat_elu_fwd(const torch::Tensor& x) {
+  vk::NArgs a;
+  const int64_t batch = setup_net(a, x, "concat_elu_fwd");
+  auto y = torch::empty(doubled_channels(x), x.options());
+  a.y = y.data_ptr();
+  const bool f = x.scalar_type() == at::kFloat;
+  run_net(f ? kernels().celu_fwd_f : kernels().celu_fwd_d, a, batch);
+  return y;
+}
+
+torch::Tensor concat_elu_bwd(const torch::Tensor& x, const torch::Tensor& grad_y) {
+  vk::NArgs a;
+  const int64_t batch = setup_net(a, x, "concat_elu_bwd");
+  check_like(grad_y, "grad_y", doubled_channels(x), x.scalar_type(), "concat_elu_bwd");
+  auto gx = torch::empty_like(x);
+  a.gy = grad_y.data_ptr();
+  a.gx = gx.data_ptr();
+  const bool f = x.scalar_type() == at::kFloat;
+  run_net(f ? kernels().celu_bwd_f : kernels().celu_bwd_d, a, batch);
+  return gx;
+}
+
+torch::Tensor gated_residual_fwd(const torch::Tensor& x, const torch::Tensor& h) {
+  vk::NArgs a;
+  const int64_t batch = setup_net(a, x, "gated_residual_fwd");
+  check_like(h, "h", doubled_channels(x), x.scalar_type(), "gated_residual_fwd");
+  auto y = torch::empty_like(x);
+  a.h = h.data_ptr();
+  a.y = y.data_ptr();
+  const bool f = x.scalar_type() == at::kFloat;
+  run_net(f ? kernels().gres_fwd_f : kernels().gres_fwd_d, a, batch);
+  return y;
+}
+
+// dL/dh of y = x + a sigmoid(g), h = (a, g); x is only read for its shape (dL/dx = grad_y).
+torch::Tensor gated_residual_bwd(const torch::Tensor& h, const torch::Tensor& grad_y) {
+  vk::NArgs a;
+  const int64_t batch = setup_net(a, grad_y, "gated_residual_bwd");
+  check_like(h, "h", doubled_channels(grad_y), grad_y.scalar_type(), "gated_residual_bwd");
+  auto gh = torch::empty_like(h);
+  a.h = h.data_ptr();
+  a.gy = grad_y.data_ptr();
+  a.gx = gh.data_ptr();
+  const bool f = grad_y.scalar_type() == at::kFloat;
+  run_net(f ? kernels().gres_bwd_f : kernels().gres_bwd_d, a, batch);
+  return gh;
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> layer_norm_fwd(const torch::Tensor& x,
+                                                                       const torch::Tensor& weight,
+                                                                       const torch::Tensor& bias, double eps) {
+  vk::NArgs a;
+  const int64_t batch = setup_net(a, x, "layer_norm_fwd");
+  check_like(weight, "weight", {a.C}, x.scalar_type(), "layer_norm_fwd");
+  check_like(bias, "bias", {a.C}, x.scalar_type(), "layer_norm_fwd");
+  TORCH_CHECK(eps > 0, "layer_norm_fwd: eps must be positive, got ", eps);
+  auto y = torch::empty_like(x);
+  auto mean = torch::empty({batch, a.N}, x.options());
+  auto rstd = torch::empty({batch, a.N}, x.options());
+  a.w = weight.data_ptr();
+  a.beta = bias.data_ptr();
+  a.y = y.data_ptr();
+  a.mean = mean.data_ptr();
+  a.rstd = rstd.data_ptr();
+  a.eps = eps;
+  const bool f = x.scalar_type() == at::kFloat;
+  run_net(f ? kernels().ln_fwd_f : kernels().ln_fwd_d, a, batch);
+  return {y, mean, rstd};
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> layer_norm_bwd(const torch::Tensor& x,
+                                                                       const torch::Tensor& weight,
+                                                                       const torch::Tensor& mean,
+                                                                       const torch::Tensor& rstd,
+                                                                       const torch::Tensor& grad_y) {
+  vk::NArgs a;
+  const int64_t batch = setup_net(a, x, "layer_norm_bwd");
+  check_like(weight, "weight", {a.C}, x.scalar_type(), "layer_norm_bwd");
+  check_like(mean, "mean", {batch, a.N}, x.scalar_type(), "layer_norm_bwd");
+  check_like(rstd, "rstd", {batch, a.N}, x.scalar_type(), "layer_norm_bwd");
+  check_like(grad_y, "grad_y", x.sizes(), x.scalar_type(), "layer_norm_bwd");
+  const int64_t ntasks = batch * a.nchunks;
+  std::vector<double> partial(std::max<int64_t>(ntasks, 1) * 2 * a.C, 0.0);
+  auto gx = torch::empty_like(x);
+  a.w = weight.data_ptr();
+  a.mean = mean.data_ptr();
+  a.rstd = rstd.data_ptr();
+  a.gy = grad_y.data_ptr();
+  a.gx = gx.data_ptr();
+  a.partial = partial.data();
+  const bool f = x.scalar_type() == at::kFloat;
+  run_net(f ? kernels().ln_bwd_f : kernels().ln_bwd_d, a, batch);
+  // dw, dbeta: the tasks' rows added in task order (independent of the thread count)
+  auto dw = torch::zeros({a.C}, torch::TensorOptions().dtype(at::kDouble));
+  auto db = torch::zeros({a.C}, torch::TensorOptions().dtype(at::kDouble));
+  double* pw = dw.data_ptr<double>();
+  double* pb = db.data_ptr<double>();
+  for (int64_t t = 0; t < ntasks; ++t) {
+    const double* row = partial.data() + t * 2 * a.C;
+    for (int64_t c = 0; c < a.C; ++c) {
+      pw[c] += row[c];
+      pb[c] += row[a.C + c];
+    }
+  }
+  return {gx, dw.to(x.scalar_type()), db.to(x.scalar_type())};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -276,6 +414,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_bwd", &attention_bwd, "attention vector-Jacobian product -> grad_qkv", py::arg("qkv"),
         py::arg("out"), py::arg("lse"), py::arg("grad_out"));
   m.attr("ATTENTION_MAX_HEAD_DIM") = vk::MAX_HEAD_DIM;
+  m.def("concat_elu_fwd", &concat_elu_fwd, "elu(cat([x, -x], 1)), x (B, C, ...) -> (B, 2C, ...)",
+        py::arg("x"));
+  m.def("concat_elu_bwd", &concat_elu_bwd, "concat-ELU vector-Jacobian product -> grad_x", py::arg("x"),
+        py::arg("grad_y"));
+  m.def("gated_residual_fwd", &gated_residual_fwd, "x + a * sigmoid(g), h = (a, g) along dim 1",
+        py::arg("x"), py::arg("h"));
+  m.def("gated_residual_bwd", &gated_residual_bwd, "gated residual vector-Jacobian product -> grad_h",
+        py::arg("h"), py::arg("grad_y"));
+  m.def("layer_norm_fwd", &layer_norm_fwd, "layer norm over dim 1 of (B, C, ...) -> (y, mean, rstd)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"));
+  m.def("layer_norm_bwd", &layer_norm_bwd, "layer norm vector-Jacobian product -> (grad_x, grad_w, grad_b)",
+        py::arg("x"), py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("grad_y"));
   m.def("_isa", [] { return std::string(kernels().name); }, "instruction set of the kernels in use");
   m.def("_vector_bytes", [] { return kernels().vector_bytes; },
         "vector width of the kernels in use, in bytes (lanes per block: this / element size)");

@@ -56,14 +56,34 @@ struct AArgs {
 };
 
 
+// The networks' concat-ELU and channel layer norm (net_kernels.h) on (B, C, N) maps.
+struct NArgs {
+  const void* x = nullptr;     // (B, C, N)
+  const void* h = nullptr;     // gated residual: (B, 2C, N), the (a, g) halves
+  void* y = nullptr;           // fwd: (B, 2C, N) concat-ELU, (B, C, N) layer norm, gated res.
+  const void* gy = nullptr;    // bwd: dL/dy, like y
+  void* gx = nullptr;          // bwd: dL/dx, like x (gated residual: dL/dh, like h)
+  const void* w = nullptr;     // layer norm gain (C,)
+  const void* beta = nullptr;  // layer norm bias (C,)
+  void* mean = nullptr;        // layer norm (B, N): fwd writes, bwd reads
+  void* rstd = nullptr;        // layer norm (B, N): 1 / sqrt(var + eps)
+  double* partial = nullptr;   // layer norm bwd: (tasks, 2, C) sums of gy xhat and of gy
+  int64_t C = 0, N = 0;        // channels, positions per channel
+  int64_t nchunks = 0;         // chunks of CHUNK positions per sample; tasks = B * nchunks
+  double eps = 1e-5;
+};
+
 typedef void (*TaskFn)(const KArgs&, int64_t task, void* buffer);
 typedef void (*AttnFn)(const AArgs&, int64_t task);
+typedef void (*NetFn)(const NArgs&, int64_t task);
 
 // One instruction set's entry points (float / double; coupling forward, backward, inverse;
-// attention forward, backward).
+// attention forward, backward; concat-ELU, layer norm and gated residual forward, backward).
 struct KernelSet {
   TaskFn fwd_f, fwd_d, bwd_f, bwd_d, inv_f, inv_d;
   AttnFn afwd_f, afwd_d, abwd_f, abwd_d;
+  NetFn celu_fwd_f, celu_fwd_d, celu_bwd_f, celu_bwd_d, ln_fwd_f, ln_fwd_d, ln_bwd_f, ln_bwd_d;
+  NetFn gres_fwd_f, gres_fwd_d, gres_bwd_f, gres_bwd_d;
   const char* name;
   int vector_bytes;  // lanes per block: vector_bytes / sizeof(T)
 };

@@ -9,6 +9,7 @@
 #include "attention_kernels.h"
 #include "coupling_kernels.h"
 #include "kernel_args.h"
+#include "net_kernels.h"
 
 #define VF_STRINGIFY2(x) #x
 #define VF_STRINGIFY(x) VF_STRINGIFY2(x)
@@ -26,13 +27,27 @@ VF_ISA_ATTR void afwd_f(const AArgs& a, int64_t n) { attn_fwd_task<float>(a, n);
 VF_ISA_ATTR void afwd_d(const AArgs& a, int64_t n) { attn_fwd_task<double>(a, n); }
 VF_ISA_ATTR void abwd_f(const AArgs& a, int64_t n) { attn_bwd_task<float>(a, n); }
 VF_ISA_ATTR void abwd_d(const AArgs& a, int64_t n) { attn_bwd_task<double>(a, n); }
+VF_ISA_ATTR void celu_fwd_f(const NArgs& a, int64_t t) { concat_elu_fwd_task<float>(a, t); }
+VF_ISA_ATTR void celu_fwd_d(const NArgs& a, int64_t t) { concat_elu_fwd_task<double>(a, t); }
+VF_ISA_ATTR void celu_bwd_f(const NArgs& a, int64_t t) { concat_elu_bwd_task<float>(a, t); }
+VF_ISA_ATTR void celu_bwd_d(const NArgs& a, int64_t t) { concat_elu_bwd_task<double>(a, t); }
+VF_ISA_ATTR void ln_fwd_f(const NArgs& a, int64_t t) { layer_norm_fwd_task<float>(a, t); }
+VF_ISA_ATTR void ln_fwd_d(const NArgs& a, int64_t t) { layer_norm_fwd_task<double>(a, t); }
+VF_ISA_ATTR void ln_bwd_f(const NArgs& a, int64_t t) { layer_norm_bwd_task<float>(a, t); }
+VF_ISA_ATTR void ln_bwd_d(const NArgs& a, int64_t t) { layer_norm_bwd_task<double>(a, t); }
+VF_ISA_ATTR void gres_fwd_f(const NArgs& a, int64_t t) { gated_residual_fwd_task<float>(a, t); }
+VF_ISA_ATTR void gres_fwd_d(const NArgs& a, int64_t t) { gated_residual_fwd_task<double>(a, t); }
+VF_ISA_ATTR void gres_bwd_f(const NArgs& a, int64_t t) { gated_residual_bwd_task<float>(a, t); }
+VF_ISA_ATTR void gres_bwd_d(const NArgs& a, int64_t t) { gated_residual_bwd_task<double>(a, t); }
 
 static_assert(VF_VEC_BYTES <= MAX_VEC_BYTES, "coupling.cpp allocates MAX_VEC_BYTES per vector");
 static_assert(CHUNK % (VF_VEC_BYTES / 4) == 0, "CHUNK must be a multiple of the float lanes");
 
 KernelSet kernel_set() {
-  return KernelSet{fwd_f,  fwd_d,  bwd_f,  bwd_d,  inv_f, inv_d,
-                   afwd_f, afwd_d, abwd_f, abwd_d, VF_STRINGIFY(VF_ISA), VF_VEC_BYTES};
+  return KernelSet{fwd_f,      fwd_d,      bwd_f,      bwd_d,      inv_f,    inv_d,    afwd_f,
+                   afwd_d,     abwd_f,     abwd_d,     celu_fwd_f, celu_fwd_d, celu_bwd_f, celu_bwd_d,
+                   ln_fwd_f,   ln_fwd_d,   ln_bwd_f,   ln_bwd_d,   gres_fwd_f, gres_fwd_d, gres_bwd_f,
+                   gres_bwd_d, VF_STRINGIFY(VF_ISA), VF_VEC_BYTES};
 }
 
 }  // namespace VF_ISA

@@ -236,5 +236,39 @@ VF_INLINE typename VecTraits<T>::V vtanh(typename VecTraits<T>::V a) {
   return a != a ? a : r;
 }
 
+// expm1(x) = exp(x) - 1 for x <= 0 (or NaN), ~2 ulp: on [-ln2/2, 0], where exp(x) - 1 cancels,
+// the Taylor polynomial x (1 + x/2! + ... + x^(n-1)/n!) (n = 8 for float, truncation 6e-10
+// relative; n = 14 for double, 3e-19); below it exp(x) - 1, which lies in [-1, -0.29] and
+// so loses nothing. -inf -> -1, NaN -> NaN.
+template <typename T>
+VF_INLINE typename VecTraits<T>::V vexpm1_nonpos(typename VecTraits<T>::V x) {
+  typedef typename VecTraits<T>::V V;
+  constexpr int n = sizeof(T) == 4 ? 8 : 14;
+  T inv_fact[n + 1];  // 1 / k!
+  inv_fact[0] = T(1);
+  for (int k = 1; k <= n; ++k) inv_fact[k] = inv_fact[k - 1] / T(k);
+  V p = vset<T>(inv_fact[n]);
+  for (int k = n - 1; k >= 1; --k) p = p * x + inv_fact[k];
+  const V series = p * x;
+  const V big = vexp<T, true>(x) - T(1);
+  return x > T(-0.34657359027997264) ? series : big;
+}
+
+// Load nv <= W consecutive values (zero padded) / store the first nv lanes.
+template <typename T>
+VF_INLINE typename VecTraits<T>::V load_part(const T* p, int64_t nv) {
+  if (nv == VecTraits<T>::W) return vload<T>(p);
+  alignas(64) T tmp[VecTraits<T>::W] = {};
+  for (int64_t l = 0; l < nv; ++l) tmp[l] = p[l];
+  return vload<T>(tmp);
+}
+template <typename T>
+VF_INLINE void store_part(T* p, typename VecTraits<T>::V v, int64_t nv) {
+  if (nv == VecTraits<T>::W) return vstore<T>(p, v);
+  alignas(64) T tmp[VecTraits<T>::W];
+  vstore<T>(tmp, v);
+  for (int64_t l = 0; l < nv; ++l) p[l] = tmp[l];
+}
+
 }  // namespace VF_ISA
 }  // namespace vflow_kernels

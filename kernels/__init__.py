@@ -1,9 +1,10 @@
 """Triton kernels of vflow (the GPU path), imported as ``vflow.kernels``.
 
 Implements the low-level contract of ``vflow.reference`` (``coupling_fwd``, ``coupling_bwd``,
-``coupling_inv``) with one fused Triton kernel per op. On CPU the same kernels run under
-Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is how the
-tests check them without a GPU.
+``coupling_inv``) with one fused Triton kernel per op, and the networks' fused concat-ELU,
+gated residual and channel layer norm of ``vflow.net_ops`` (``_net.py``). On CPU the same
+kernels run under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
+imported), which is how the tests check them without a GPU.
 
 Design
 ------
@@ -45,5 +46,23 @@ the tile size, used by the tests to force several programs and masked tails on s
 """
 
 from ._coupling import coupling_bwd, coupling_fwd, coupling_inv
+from ._net import (
+    concat_elu_bwd,
+    concat_elu_fwd,
+    gated_residual_bwd,
+    gated_residual_fwd,
+    layer_norm_bwd,
+    layer_norm_fwd,
+)
 
-__all__ = ["coupling_fwd", "coupling_bwd", "coupling_inv"]
+__all__ = [
+    "coupling_fwd",
+    "coupling_bwd",
+    "coupling_inv",
+    "concat_elu_fwd",
+    "concat_elu_bwd",
+    "gated_residual_fwd",
+    "gated_residual_bwd",
+    "layer_norm_fwd",
+    "layer_norm_bwd",
+]

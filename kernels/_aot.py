@@ -43,6 +43,10 @@ def compile_all(
         stride_pb="i64",
         NUM_NB="i32",
         max_iters="i32",
+        total="i64",
+        CN="i64",
+        C="i32",
+        eps="fp32",
     )
     done = []
 
@@ -92,7 +96,30 @@ def compile_all(
                         dict(cfg, NEWTON=newton, TINY=tiny),
                         f"inv newton={newton} {tag}",
                     )
+        _build_net_kernels(build, ptr, dt)
     return done
+
+
+def _build_net_kernels(build, ptr: str, dt: str) -> None:
+    """The networks' kernels (_net.py): the elementwise ones at their block, the layer norm
+    at the tiles of a few channel counts (1, 96: a CIFAR net, 1024: the largest)."""
+    from . import _net as n
+
+    block = dict(BLOCK_SIZE=n.BLOCK)
+    build(n._concat_elu_fwd_kernel, {"x_ptr", "y_ptr"}, ptr, block, f"concat_elu fwd {dt}")
+    build(
+        n._concat_elu_bwd_kernel, {"x_ptr", "gy_ptr", "gx_ptr"}, ptr, block, f"concat_elu bwd {dt}"
+    )
+    build(n._gated_residual_fwd_kernel, {"x_ptr", "h_ptr", "y_ptr"}, ptr, block, f"gres fwd {dt}")
+    build(n._gated_residual_bwd_kernel, {"h_ptr", "gy_ptr", "gh_ptr"}, ptr, block, f"gres bwd {dt}")
+    for channels in (1, 96, n.MAX_CHANNELS):
+        block_c, block_n, _ = n._ln_grid(1, channels, 1 << 20, None)
+        tile = dict(BLOCK_C=block_c, BLOCK_N=block_n)
+        tag = f"{dt} tile={block_c}x{block_n}"
+        fwd_ptrs = {"x_ptr", "w_ptr", "b_ptr", "y_ptr", "mean_ptr", "rstd_ptr"}
+        build(n._layer_norm_fwd_kernel, fwd_ptrs, ptr, tile, f"layer_norm fwd {tag}")
+        bwd_ptrs = {"x_ptr", "w_ptr", "mean_ptr", "rstd_ptr", "gy_ptr", "gx_ptr", "part_ptr"}
+        build(n._layer_norm_bwd_kernel, bwd_ptrs, ptr, tile, f"layer_norm bwd {tag}")
 
 
 def main(argv=None) -> None:

@@ -59,7 +59,14 @@ from vflow.flows import (
     coupling_block,
     maybe_checkpoint,
 )
-from vflow.nets import ContextNet, ConvDataInit, CouplingNet, GatedAttention
+from vflow.nets import (
+    ChannelLayerNorm,
+    ContextNet,
+    ConvDataInit,
+    CouplingNet,
+    GatedAttention,
+    GatedConv,
+)
 
 __all__ = [
     "Step",
@@ -380,7 +387,12 @@ class FlowPlusPlus(nn.Module):
         c, h, w = config.data_shape
         self.preprocess = ImageToLogit(config.n_bins)
         self.r_context = ContextNet(
-            c, config.context_filters, config.context_blocks, config.pattern, config.dropout
+            c,
+            config.context_filters,
+            config.context_blocks,
+            config.pattern,
+            config.dropout,
+            backend=backend,
         )
         r_flow, _ = _build_flow(
             config.r, (c, h, w), config, backend=backend, context_channels=config.context_filters
@@ -722,12 +734,12 @@ class FlowPlusPlus(nn.Module):
         return steps[-1] if steps else None
 
     def set_backend(self, name: str) -> FlowPlusPlus:
-        """Select the ops backend ("auto", "reference", "cpp", "triton") of every coupling and
-        attention layer."""
+        """Select the ops backend ("auto", "reference", "cpp", "triton") of every coupling,
+        attention, gated conv (its concat-ELUs) and channel layer norm."""
         if name not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {name!r}")
         for m in self.modules():
-            if isinstance(m, (MixLogisticCoupling, GatedAttention)):
+            if isinstance(m, (MixLogisticCoupling, GatedAttention, GatedConv, ChannelLayerNorm)):
                 m.backend = name
         self.backend = name
         return self
@@ -742,7 +754,12 @@ class VFlow(FlowPlusPlus):
         super().__init__(config, backend)
         c, h, w = config.data_shape
         self.q_context = ContextNet(
-            c, config.context_filters, config.context_blocks, config.pattern, config.dropout
+            c,
+            config.context_filters,
+            config.context_blocks,
+            config.pattern,
+            config.dropout,
+            backend=backend,
         )
         q_flow, _ = _build_flow(
             config.q,

@@ -42,11 +42,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from vflow import ops
+from vflow import net_ops, ops
 from vflow.checkpointing import maybe_checkpoint
+from vflow.net_ops import _memory_format, concat_elu
 
 __all__ = [
     "INIT_WEIGHT_STD",
@@ -178,31 +178,6 @@ def _dropout(p: float) -> nn.Module:
     return Dropout(p) if p > 0 else nn.Identity()
 
 
-class _ConcatElu(torch.autograd.Function):
-    """y = elu(h), h = cat([x, -x], channels); dL/dx = g[:C] - g[C:] with g = dL/dh =
-    dL/dy elu'(h) (one elu_backward, one split, one subtraction: autograd's own backward of
-    the three forward ops adds a neg, two slices and an add)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        h = torch.cat([x, -x], dim=1)
-        ctx.save_for_backward(h)
-        return F.elu(h)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (h,) = ctx.saved_tensors
-        g = torch.ops.aten.elu_backward(grad, 1.0, 1, 1, False, h)  # elu's own derivative
-        positive, negative = g.chunk(2, dim=1)
-        return positive - negative
-
-
-def concat_elu(x: Tensor) -> Tensor:
-    """elu(cat([x, -x])) along channels: (B, C, ...) -> (B, 2C, ...). Differentiable once."""
-    return _ConcatElu.apply(x)
-
-
 def pixelwise_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """A 1x1 convolution: y[:, o] = sum_i weight[o, i] x[:, i] (+ bias[o]) at every pixel.
 
@@ -229,13 +204,6 @@ class Conv1x1(nn.Conv2d):
         if x.is_contiguous(memory_format=torch.channels_last):
             return pixelwise_linear(x, self.weight.flatten(1), self.bias)
         return F.conv2d(x, self.weight, self.bias)  # pixelwise_linear's other branch, no views
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """channels_last for a tensor laid out that way only, else contiguous."""
-    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        return torch.contiguous_format
-    return torch.channels_last
 
 
 def image_half(x: Tensor, parity: int, pattern: str) -> Tensor:
@@ -286,60 +254,41 @@ class GatedConv(nn.Module):
         dropout: float = 0.0,
         nin: bool = True,
         init_scale: float = 0.1,
+        backend: str = "auto",
     ):
         super().__init__()
+        self.backend = backend  # of the concat-ELUs (vflow.net_ops)
         self.c1 = _conv(2 * filters, filters, 3)
         self.a_proj = _conv(2 * context_channels, filters, 1) if context_channels else None
         self.dropout = _dropout(dropout)
         self.c2 = _scaled_conv(_conv(2 * filters, 2 * filters, 1 if nin else 3), init_scale)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        h = self.c1(concat_elu(x))
+        h = self.c1(concat_elu(x, backend=self.backend))
         if self.a_proj is not None:
             if context is None:
                 raise ValueError("this GatedConv was built with a context input; pass context")
-            h = h + self.a_proj(concat_elu(context))
-        h = self.c2(self.dropout(concat_elu(h)))
-        return x + F.glu(h, dim=1)  # (a, b) = h.chunk(2): a * sigmoid(b)
-
-
-class _GradInLayout(torch.autograd.Function):
-    """The identity, whose backward gives the gradient the layout of the input
-    (channels_last or contiguous): the gradient a (B, H, W, C) layer norm hands back through
-    a permute is channels_last, which would slow every op of the backward before it."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, channels_last: bool) -> Tensor:
-        ctx.channels_last = channels_last
-        return x.view_as(x)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        return grad.contiguous(memory_format=layout), None
+            h = h + self.a_proj(concat_elu(context, backend=self.backend))
+        h = self.c2(self.dropout(concat_elu(h, backend=self.backend)))
+        return net_ops.gated_residual(x, h, backend=self.backend)  # x + a sigmoid(b), (a, b) = h
 
 
 class ChannelLayerNorm(nn.Module):
     """Layer norm over the channel axis of (B, C, H, W), eps 1e-5, learned gain and bias:
-    y = (x - mean_c x) / sqrt(var_c x + eps) * weight + bias, per pixel, var biased.
-
-    Computed by one ``F.layer_norm`` over the last axis of the (B, H, W, C) view (one op
-    forward and one backward); the result and the gradient of x have x's memory layout (a
-    copy each for NCHW input).
+    y = (x - mean_c x) / sqrt(var_c x + eps) * weight + bias, per pixel, var biased
+    (``vflow.net_ops.channel_layer_norm``: one fused op each way on the cpp / triton backends
+    for NCHW input, else one ``F.layer_norm`` over the (B, H, W, C) view). The result has x's
+    memory layout.
     """
 
-    def __init__(self, channels: int, eps: float = 1e-5):
+    def __init__(self, channels: int, eps: float = 1e-5, backend: str = "auto"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
+        self.eps, self.backend = eps, backend
 
     def forward(self, x: Tensor) -> Tensor:
-        layout = _memory_format(x)
-        x = _GradInLayout.apply(x, layout == torch.channels_last)
-        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
-        return y.permute(0, 3, 1, 2).contiguous(memory_format=layout)
+        return net_ops.channel_layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
 
 
 class GatedAttention(nn.Module):
@@ -362,7 +311,8 @@ class GatedAttention(nn.Module):
         b, c, h, w = x.shape
         qkv = self.proj1(x + pos_emb).reshape(b, 3, self.heads, c // self.heads, h * w)
         att = ops.self_attention(qkv, backend=self.backend).reshape(b, c, h, w)
-        return x + F.glu(self.proj2(self.dropout(att)), dim=1)  # a * sigmoid(g)
+        h = self.proj2(self.dropout(att))
+        return net_ops.gated_residual(x, h, backend=self.backend)  # x + a sigmoid(g), (a, g) = h
 
 
 class CouplingNet(nn.Module):
@@ -391,14 +341,18 @@ class CouplingNet(nn.Module):
         self.proj_in = _conv(in_channels, filters, 3)
         self.pos_emb = nn.Parameter(torch.randn(filters, *spatial) * 0.01) if attention else None
         self.convs = nn.ModuleList(
-            GatedConv(filters, context_channels, dropout) for _ in range(blocks)
+            GatedConv(filters, context_channels, dropout, backend=backend) for _ in range(blocks)
         )
-        self.norms1 = nn.ModuleList(ChannelLayerNorm(filters) for _ in range(blocks))
+        self.norms1 = nn.ModuleList(
+            ChannelLayerNorm(filters, backend=backend) for _ in range(blocks)
+        )
         if attention:
             self.attns = nn.ModuleList(
                 GatedAttention(filters, heads, dropout, backend) for _ in range(blocks)
             )
-            self.norms2 = nn.ModuleList(ChannelLayerNorm(filters) for _ in range(blocks))
+            self.norms2 = nn.ModuleList(
+                ChannelLayerNorm(filters, backend=backend) for _ in range(blocks)
+            )
         self.proj_out = _scaled_conv(_conv(filters, out_channels, 3), init_scale)
         self.checkpoint_blocks = False  # see the module docstring
 
@@ -433,13 +387,14 @@ class ContextNet(nn.Module):
         blocks: int = 3,
         pattern: str = "stripe",
         dropout: float = 0.0,
+        backend: str = "auto",
     ):
         super().__init__()
         self.pattern = pattern
         self.out_channels = filters
         self.proj = _conv(2 * in_channels, filters, 3)
         self.blocks = nn.ModuleList(
-            GatedConv(filters, 0, dropout, nin=False) for _ in range(blocks)
+            GatedConv(filters, 0, dropout, nin=False, backend=backend) for _ in range(blocks)
         )
         self.checkpoint_blocks = False  # see the module docstring
 

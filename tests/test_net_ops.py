@@ -1,0 +1,335 @@
+"""The networks' fused ops (vflow.net_ops: concat-ELU, gated residual, channel layer norm) on
+the cpp and triton backends, against float64 evaluations of their definitions by plain torch
+ops: values and gradients over > 10^6 random elements per backend and op from several regimes
+(tiny arguments where exp(x) - 1 cancels, arguments past exp's range, offsets that cancel in
+the variance, constant channels, ragged position counts), asserting the maximum error over
+the whole tensor against eager float32 torch's; then the op-layer contract (fallbacks, errors,
+determinism, compile) and a whole model step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import vflow
+from vflow import net_ops, ops
+from vflow.profiling import training_loss
+
+BACKENDS = [b for b in ("cpp", "triton") if b in ops.available_backends("cpu")]
+SHAPE = (4, 64, 1027)  # 263k elements; 1027 positions: a ragged last chunk and vector
+REGIMES = ("normal", "tiny", "wide", "offset")
+
+
+def _draw(regime: str, shape, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if regime == "tiny":  # expm1 near 0: exp(x) - 1 would lose every digit
+        return x * 1e-5
+    if regime == "wide":  # exp(-|x|) underflows in float32 past 87
+        return x * 40
+    if regime == "offset":  # the mean dwarfs the spread: a one-pass variance cancels
+        return 300 + x
+    return x
+
+
+@pytest.fixture(params=["cpp", "triton"])
+def backend(request, device):
+    if request.param not in ops.available_backends(device):
+        pytest.skip(f"backend {request.param} cannot run on {device}")
+    return request.param
+
+
+def _worst(got: torch.Tensor, exact: torch.Tensor, scale: torch.Tensor) -> float:
+    """max |got - exact| / scale over the tensor (scale: the size of the terms summed; below
+    float32's smallest normal number a difference is underflow, not error)."""
+    err = (got.double() - exact).abs() / scale.clamp_min(torch.finfo(torch.float32).tiny)
+    return err.max().item()
+
+
+def _errors(fused, eager, exact, scale) -> tuple[float, float]:
+    return _worst(fused, exact, scale), _worst(eager, exact, scale)
+
+
+def _assert_as_accurate(fused_err: float, eager_err: float, what: str) -> None:
+    """The fused op is at most 2x eager float32 torch's error (or within 8 float32 ulps)."""
+    eps = torch.finfo(torch.float32).eps
+    assert fused_err <= max(2 * eager_err, 8 * eps), (what, fused_err, eager_err)
+
+
+def _concat_elu_exact(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(torch.cat([x, -x], dim=1))
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_concat_elu_values_and_gradient_against_float64(backend, device, regime):
+    x64 = _draw(regime, SHAPE, 1)
+    g64 = _draw("normal", (SHAPE[0], 2 * SHAPE[1], SHAPE[2]), 2)
+    x, g = x64.float().to(device), g64.float().to(device)
+    exact = _concat_elu_exact(x64.float().double())
+    fused = net_ops.concat_elu(x, backend=backend).cpu()
+    eager = net_ops.concat_elu(x, backend="reference").cpu()
+    _assert_as_accurate(*_errors(fused, eager, exact, exact.abs()), f"{regime} forward")
+    # dL/dx = g1 elu'(x) - g2 elu'(-x); scale: the two terms' sizes
+    xs = x64.float().double().requires_grad_()
+    _concat_elu_exact(xs).backward(g.double().cpu())
+    x_f, x_r = (x.clone().requires_grad_() for _ in range(2))
+    net_ops.concat_elu(x_f, backend=backend).backward(g)
+    net_ops.concat_elu(x_r, backend="reference").backward(g)
+    slope = (
+        torch.where(xs > 0, 1.0, xs.detach().exp()),
+        torch.where(xs < 0, 1.0, (-xs).detach().exp()),
+    )
+    g1, g2 = g.double().cpu().chunk(2, dim=1)
+    scale = g1.abs() * slope[0] + g2.abs() * slope[1]
+    errs = _errors(x_f.grad.cpu(), x_r.grad.cpu(), xs.grad, scale)
+    _assert_as_accurate(*errs, f"{regime} gradient")
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_gated_residual_values_and_gradient_against_float64(backend, device, regime):
+    x64 = _draw("normal", SHAPE, 3)
+    h64 = _draw(regime, (SHAPE[0], 2 * SHAPE[1], SHAPE[2]), 4)
+    gy64 = _draw("normal", SHAPE, 5)
+    x, h, gy = (t.float().to(device) for t in (x64, h64, gy64))
+    xs, hs = (t.float().double().requires_grad_() for t in (x64, h64))
+    exact = xs + F.glu(hs, dim=1)
+    exact.backward(gy.double().cpu())
+    a, gate = hs.detach().chunk(2, dim=1)
+    s = torch.sigmoid(gate)
+    fused_in = [t.clone().requires_grad_() for t in (x, h)]
+    eager_in = [t.clone().requires_grad_() for t in (x, h)]
+    fused = net_ops.gated_residual(*fused_in, backend=backend)
+    eager = net_ops.gated_residual(*eager_in, backend="reference")
+    scale = xs.detach().abs() + (a * s).abs()
+    _assert_as_accurate(*_errors(fused.cpu(), eager.cpu(), exact.detach(), scale), "forward")
+    fused.backward(gy)
+    eager.backward(gy)
+    # each component of dL/dh is one product: relative error against the products in float64
+    # (autograd's float64 glu backward computes s (1 - s), which cancels to 0 for s ~ 1)
+    gy_, a_, g_ = gy.double().cpu(), a, gate
+    exact_h = torch.cat([gy_ * s, gy_ * a_ * torch.sigmoid(g_) * torch.sigmoid(-g_)], dim=1)
+    # (exp(-|g|) flushes to 0 past float32's normal range, |g| > 87.3: errors below 1e-30 of
+    # the inputs' size count as underflow, the floor of the scale)
+    flush = 1e-30 * (1 + gy_.abs()) * (1 + a_.abs())
+    scale_h = torch.maximum(exact_h.abs(), torch.cat([flush, flush], dim=1))
+    errs = _errors(fused_in[1].grad.cpu(), eager_in[1].grad.cpu(), exact_h, scale_h)
+    _assert_as_accurate(*errs, f"{regime} gradient of h")
+    # stricter than eager: s (1 - s) cancels for saturated gates (eager's relative error is 1
+    # there in the wide regime); the kernels take sigmoid(g) sigmoid(-g) from exp(-|g|)
+    assert errs[0] <= 16 * torch.finfo(torch.float32).eps, errs
+    assert torch.equal(fused_in[0].grad, gy)  # dL/dx = dL/dy
+
+
+def _layer_norm_exact(x, w, b, eps=1e-5):
+    mean = x.mean(1, keepdim=True)
+    var = (x - mean).square().mean(1, keepdim=True)
+    per_channel = (-1,) + (1,) * (x.dim() - 2)
+    return (x - mean) / torch.sqrt(var + eps) * w.view(per_channel) + b.view(per_channel)
+
+
+@pytest.mark.parametrize("regime", REGIMES + ("constant",))
+def test_channel_layer_norm_values_and_gradients_against_float64(backend, device, regime):
+    shape = (SHAPE[0], SHAPE[1], 31, 33)  # 1023 positions
+    x64 = _draw("normal" if regime == "constant" else regime, shape, 6)
+    if regime == "constant":  # some pixels with equal channels: var = 0, rstd = 1/sqrt(eps)
+        x64[:, :, :5] = 0.25
+    w64, b64 = 1 + 0.3 * _draw("normal", shape[1], 7), 0.3 * _draw("normal", shape[1], 8)
+    gy64 = _draw("normal", shape, 9)
+    x, w, b, gy = (t.float().to(device) for t in (x64, w64, b64, gy64))
+    xs, ws, bs = (t.float().double().requires_grad_() for t in (x64, w64, b64))
+    exact = _layer_norm_exact(xs, ws, bs)
+    exact.backward(gy.double().cpu())
+    runs = {}
+    for name in (backend, "reference"):
+        inputs = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = net_ops.channel_layer_norm(*inputs, backend=name)
+        y.backward(gy)
+        runs[name] = [y.detach().cpu()] + [t.grad.cpu() for t in inputs]
+    with torch.no_grad():
+        mean = xs.mean(1, keepdim=True)
+        rstd = 1 / torch.sqrt((xs - mean).square().mean(1, keepdim=True) + 1e-5)
+        xhat = (xs - mean) * rstd
+        gh = gy.double().cpu() * ws[:, None, None]
+        s2 = (gh * xhat).mean(1, keepdim=True)
+        # y: the terms of (x - mean) rstd w + b, the mean a sum of C values of |x|
+        magnitude = xs.abs() + xs.abs().mean(1, keepdim=True)
+        scales = [
+            magnitude * rstd * ws.abs()[:, None, None] + bs.abs()[:, None, None],
+            rstd * (gh.abs() + gh.abs().mean(1, keepdim=True) + xhat.abs() * s2.abs()),
+            (gy.double().cpu() * xhat).abs().sum((0, 2, 3)),
+            gy.double().cpu().abs().sum((0, 2, 3)),
+        ]
+    for i, what in enumerate(("y", "dx", "dweight", "dbias")):
+        exact_i = (exact.detach(), xs.grad, ws.grad, bs.grad)[i]
+        errs = _errors(runs[backend][i], runs["reference"][i], exact_i, scales[i])
+        _assert_as_accurate(*errs, f"{regime} {what}")
+
+
+def test_regression_concat_elu_of_tiny_arguments_keeps_its_digits(backend, device):
+    """elu(x) = expm1(x) for x < 0: at x = -1e-7, exp(x) - 1 in float32 is -1.19e-7 (19%
+    off); the fused kernels use a Taylor polynomial there."""
+    x = torch.tensor([[-1e-7, -3e-5, 1e-7, -0.3, -0.35, -0.4]], device=device).view(1, 1, 6)
+    y = net_ops.concat_elu(x, backend=backend).cpu().double()
+    exact = _concat_elu_exact(x.cpu().double())
+    rel = ((y - exact).abs() / exact.abs()).max().item()
+    assert rel < 4 * torch.finfo(torch.float32).eps, rel
+
+
+def test_special_values_propagate(backend, device):
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0], device=device).view(1, 1, 4)
+    y = net_ops.concat_elu(x, backend=backend).cpu()
+    ref = _concat_elu_exact(x.cpu())
+    assert torch.equal(y.isnan(), ref.isnan())
+    assert torch.equal(y[~y.isnan()], ref[~ref.isnan()])
+    h = torch.tensor([1.0, 2.0, 3.0, 4.0, float("nan"), 100.0, -100.0, 0.0], device=device)
+    y = net_ops.gated_residual(
+        torch.zeros(1, 1, 4, device=device), h.view(1, 2, 4), backend=backend
+    )
+    assert y.isnan().tolist() == [[[True, False, False, False]]]
+    # 3 sigmoid(-100) = 1.1e-43 is subnormal in float32: 0 or that value, either is right
+    torch.testing.assert_close(y.cpu()[0, 0, 1:], torch.tensor([2.0, 0.0, 2.0]), atol=1e-40, rtol=0)
+
+
+def test_float64_matches_torch_to_rounding(backend, device):
+    x = torch.randn(2, 5, 7, 9, dtype=torch.float64, device=device)
+    w, b = torch.randn(5, dtype=torch.float64, device=device), torch.randn(5, dtype=torch.float64)
+    b = b.to(device)
+    y = net_ops.channel_layer_norm(x, w, b, backend=backend)
+    assert (y - _layer_norm_exact(x, w, b)).abs().max().item() < 1e-13
+    y = net_ops.concat_elu(x, backend=backend)
+    assert (y - _concat_elu_exact(x)).abs().max().item() < 1e-15
+
+
+def test_layer_norm_gradients_do_not_depend_on_the_thread_count():
+    if "cpp" not in BACKENDS:
+        pytest.skip("needs vflow._C")
+    x = torch.randn(8, 48, 40, 40)
+    w, b = torch.randn(48, requires_grad=True), torch.randn(48, requires_grad=True)
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            w.grad = b.grad = None
+            xr = x.clone().requires_grad_()
+            net_ops.channel_layer_norm(xr, w, b, backend="cpp").sum().backward()
+            grads.append((xr.grad, w.grad.clone(), b.grad.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, c) for a, c in zip(*grads, strict=True))
+
+
+def test_other_layouts_and_dtypes_run_the_reference_ops():
+    x = torch.randn(2, 6, 5, 4).to(memory_format=torch.channels_last)
+    w, b = torch.randn(6), torch.randn(6)
+    for backend in BACKENDS:
+        y = net_ops.channel_layer_norm(x, w, b, backend=backend)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y, _layer_norm_exact(x, w, b))
+        xb = x.contiguous().bfloat16()
+        assert net_ops.concat_elu(xb, backend=backend).dtype == torch.bfloat16
+        h = torch.randn(2, 12, 5, 4, dtype=torch.bfloat16)
+        torch.testing.assert_close(
+            net_ops.gated_residual(x.contiguous(), h, backend=backend),
+            x.contiguous() + F.glu(h, 1),
+        )
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: net_ops.concat_elu(torch.randn(3)), r"x must have shape \(B, C, ...\)"),
+        (lambda: net_ops.concat_elu(torch.ones(2, 2, dtype=torch.long)), "floating-point"),
+        (
+            lambda: net_ops.gated_residual(torch.randn(2, 3, 4), torch.randn(2, 5, 4)),
+            "h must have twice the channels",
+        ),
+        (
+            lambda: net_ops.channel_layer_norm(
+                torch.randn(2, 3, 4, 4), torch.ones(4), torch.ones(3)
+            ),
+            r"weight must have shape \(3,\)",
+        ),
+        (
+            lambda: net_ops.channel_layer_norm(torch.randn(2, 3, 4), torch.ones(3), torch.ones(3)),
+            r"x must have shape \(B, C, H, W\)",
+        ),
+        (
+            lambda: net_ops.channel_layer_norm(
+                torch.randn(2, 3, 4, 4), torch.ones(3), torch.ones(3), eps=0.0
+            ),
+            "eps must be positive",
+        ),
+        (lambda: net_ops.concat_elu(torch.randn(2, 3), backend="gpu"), "backend must be one of"),
+    ],
+)
+def test_bad_input_is_named(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
+
+
+def test_double_backward_raises_instead_of_a_silent_zero():
+    if "cpp" not in BACKENDS:
+        pytest.skip("needs vflow._C")
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    (g,) = torch.autograd.grad(
+        net_ops.concat_elu(x, backend="cpp").square().sum(), x, create_graph=True
+    )
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+def test_compiled_ops_equal_eager():
+    """Under torch.compile the fused ops are custom ops (fake kernels, registered autograd)."""
+    if "cpp" not in BACKENDS:
+        pytest.skip("needs vflow._C")
+
+    def block(x, w, b, h):
+        y = net_ops.concat_elu(x, backend="cpp")
+        y = net_ops.gated_residual(x, y * h, backend="cpp")
+        return net_ops.channel_layer_norm(y, w, b, backend="cpp")
+
+    inputs = [torch.randn(2, 3, 4, 5), torch.randn(3), torch.randn(3), torch.randn(2, 6, 4, 5)]
+    eager_in = [t.clone().requires_grad_() for t in inputs]
+    compiled_in = [t.clone().requires_grad_() for t in inputs]
+    block(*eager_in).square().sum().backward()
+    torch.compile(block, backend="aot_eager", fullgraph=True)(
+        *compiled_in
+    ).square().sum().backward()
+    for a, c in zip(eager_in, compiled_in, strict=True):
+        torch.testing.assert_close(a.grad, c.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="needs vflow._C")
+@pytest.mark.parametrize("name", ["vflow-digits", "flowpp-digits"])
+def test_float64_model_step_on_the_fused_ops_equals_the_reference_step(name, one_thread):
+    """The loss and every gradient of one float64 training step (dropout drawn the same way)
+    agree between the cpp backend (fused network ops) and the reference backend."""
+    results = []
+    for backend in ("reference", "cpp"):
+        torch.manual_seed(0)
+        model = vflow.build(name, backend=backend).double()
+        x = torch.randint(0, model.config.n_bins, (4, *model.config.data_shape))
+        model.initialize(x)
+        torch.manual_seed(1)
+        loss = training_loss(model.train(), x)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (loss_r, grads_r), (loss_c, grads_c) = results
+    assert abs(loss_c - loss_r) <= 1e-12 * abs(loss_r)
+    for gr, gc in zip(grads_r, grads_c, strict=True):
+        assert (gc - gr).norm() <= 1e-11 * gr.norm() + 1e-300
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="needs vflow._C")
+def test_paired_step_benchmark_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "net_ops_step.py"
+    cmd = [sys.executable, str(script), "--batch", "2", "--rounds", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "reference / fused CPU time per step" in proc.stdout
