@@ -47,6 +47,9 @@ the tile size, used by the tests to force several programs and masked tails on s
 
 from ._coupling import coupling_bwd, coupling_fwd, coupling_inv
 from ._net import (
+    MAX_CHANNELS as LAYER_NORM_MAX_CHANNELS,
+)
+from ._net import (
     concat_elu_bwd,
     concat_elu_fwd,
     gated_residual_bwd,
@@ -56,6 +59,7 @@ from ._net import (
 )
 
 __all__ = [
+    "LAYER_NORM_MAX_CHANNELS",
     "coupling_fwd",
     "coupling_bwd",
     "coupling_inv",

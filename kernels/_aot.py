@@ -46,7 +46,6 @@ def compile_all(
         total="i64",
         CN="i64",
         C="i32",
-        eps="fp32",
     )
     done = []
 
@@ -116,7 +115,7 @@ def _build_net_kernels(build, ptr: str, dt: str) -> None:
         block_c, block_n, _ = n._ln_grid(1, channels, 1 << 20, None)
         tile = dict(BLOCK_C=block_c, BLOCK_N=block_n)
         tag = f"{dt} tile={block_c}x{block_n}"
-        fwd_ptrs = {"x_ptr", "w_ptr", "b_ptr", "y_ptr", "mean_ptr", "rstd_ptr"}
+        fwd_ptrs = {"x_ptr", "w_ptr", "b_ptr", "y_ptr", "mean_ptr", "rstd_ptr", "eps_ptr"}
         build(n._layer_norm_fwd_kernel, fwd_ptrs, ptr, tile, f"layer_norm fwd {tag}")
         bwd_ptrs = {"x_ptr", "w_ptr", "mean_ptr", "rstd_ptr", "gy_ptr", "gx_ptr", "part_ptr"}
         build(n._layer_norm_bwd_kernel, bwd_ptrs, ptr, tile, f"layer_norm bwd {tag}")

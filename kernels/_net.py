@@ -146,11 +146,12 @@ def _layer_norm_fwd_kernel(
     rstd_ptr,
     C,
     N,
-    eps,
+    eps_ptr,
     BLOCK_C: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid_b, pid_n = tl.program_id(0), tl.program_id(1)
+    eps = tl.load(eps_ptr)  # in x's dtype: a float scalar argument would be rounded to fp32
     offs, mask, cs, ns = _ln_tile(pid_b, pid_n, C, N, BLOCK_C, BLOCK_N)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     # mean = x0 + sum_c (x - x0) / C, x0 the first channel: exact differences of nearby values
@@ -277,6 +278,20 @@ def gated_residual_bwd(h: Tensor, grad_y: Tensor) -> Tensor:
     return gh
 
 
+# (eps, dtype, device) -> eps as a one-element tensor of that dtype on that device. Triton
+# passes a Python float as an fp32 scalar, which would round eps (1e-5 -> 1e-5 (1 - 2.5e-9))
+# in the float64 kernel; the tensor is made once per value, so no call adds a fill kernel
+# (nor a host-to-device copy inside a CUDA graph capture after the first, eager, step).
+_EPS: dict = {}
+
+
+def _eps_tensor(eps: float, like: Tensor) -> Tensor:
+    key = (float(eps), like.dtype, like.device)
+    if key not in _EPS:
+        _EPS[key] = torch.full((1,), float(eps), dtype=like.dtype, device=like.device)
+    return _EPS[key]
+
+
 def _ln_grid(bsz: int, c: int, n: int, block: int | None):
     if c > MAX_CHANNELS:
         raise ValueError(f"the layer norm kernel holds at most {MAX_CHANNELS} channels, got {c}")
@@ -297,7 +312,17 @@ def layer_norm_fwd(
     if x.numel():
         with _device_guard(x):
             _layer_norm_fwd_kernel[grid](
-                x, weight, bias, y, mean, rstd, c, n, float(eps), BLOCK_C=block_c, BLOCK_N=block_n
+                x,
+                weight,
+                bias,
+                y,
+                mean,
+                rstd,
+                c,
+                n,
+                _eps_tensor(eps, x),
+                BLOCK_C=block_c,
+                BLOCK_N=block_n,
             )
     return y, mean, rstd
 

@@ -693,9 +693,10 @@ class FlowPlusPlus(nn.Module):
         graph: a second one (``backward(retain_graph=True)`` then ``backward()``, or a double
         backward through ``torch.autograd.grad(..., create_graph=True)``) raises
         ``RuntimeError: Trying to backward an extra time``; "net" and "step" allow a second
-        backward pass. A double backward is not supported by the model in any mode: the
-        networks' concat-ELU and layer-norm gradient, like the fused couplings, are
-        differentiable once, and differentiating their gradients raises an error.
+        backward pass. A double backward is not supported by a model on a fused backend in any
+        mode: the fused couplings are differentiable once, and differentiating their
+        gradients raises an error (the networks' fused ops are differentiable twice in eager
+        mode, ``vflow.net_ops``).
         Changing the granularity or the train / eval mode between a forward and its backward
         raises ``torch.utils.checkpoint.CheckpointError``; ``torch.func`` transforms do not
         support checkpointing (saved tensor hooks).

@@ -257,7 +257,7 @@ class GatedConv(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        self.backend = backend  # of the concat-ELUs (vflow.net_ops)
+        self.backend = backend  # of its concat-ELUs and gated residual (vflow.net_ops)
         self.c1 = _conv(2 * filters, filters, 3)
         self.a_proj = _conv(2 * context_channels, filters, 1) if context_channels else None
         self.dropout = _dropout(dropout)

@@ -32,6 +32,8 @@ The fused backends are registered as ``torch.library`` custom ops (``vflow::coup
 ``vflow::coupling_bwd``, ``vflow::coupling_inv``) with fake kernels and autograd formulas,
 so they work under ``torch.compile(fullgraph=True)``. The backward recomputes from the
 inputs and stores no N x K intermediates. Double backward is not supported by the fused ops.
+Under ``torch.func`` transforms (grad, vjp, jvp, jacrev, hessian, vmap, ...), which torch's
+custom ops do not support, every op runs the ``reference`` backend whatever ``backend`` says.
 
 ``self_attention`` is the multi-head softmax attention of the conditioning networks, on the
 channel-major layout a 1x1 conv gives. With ``backend="cpp"`` and heads of at most
@@ -324,6 +326,15 @@ torch.library.register_autograd("vflow::coupling_inv", _coupling_backward, setup
 # --- the eager path -----------------------------------------------------------------------
 
 
+def _under_func_transform() -> bool:
+    """Whether a ``torch.func`` transform (grad, vjp, jvp, jacrev, hessian, vmap, ...) is
+    running. torch's custom ops with a registered autograd formula do not support them (torch
+    raises "must override the setup_context staticmethod" under grad / vjp, and forward-mode
+    jvp sees no derivative and returns a zero tangent), so under a transform every vflow op
+    runs its reference backend: plain torch ops, which support every transform."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
 def _direct_call_allowed(*tensors: Tensor) -> bool:
     """Whether a fused kernel may be called directly (``_FusedCoupling``) rather than through
     its registered custom op: plain tensors, outside torch.compile's tracing, no
@@ -385,7 +396,7 @@ class _FusedCoupling(torch.autograd.Function):
 
 def _run(x: Tensor, params: Tensor, backend: str, call):
     """Resolve the backend, cast to the compute dtype, run ``call`` and cast back."""
-    backend = resolve_backend(backend, x.device)
+    backend = "reference" if _under_func_transform() else resolve_backend(backend, x.device)
     out_dtype = torch.promote_types(x.dtype, params.dtype)
     dtype = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
     out, logdet = call(x.to(dtype).contiguous(), params.to(dtype).contiguous(), backend)
@@ -407,12 +418,16 @@ class _ReferenceInverse(torch.autograd.Function):
     """The eager inverse with its implicit-function gradient (autograd cannot run inside a
     custom op, so the reference backend uses an autograd.Function instead)."""
 
+    # forward + setup_context (not forward(ctx, ...)): torch.func transforms need that form
     @staticmethod
-    def forward(ctx, y, params, smooth, pattern, parity, max_iters, newton):
-        x, logdet = reference.coupling_inv(y, params, smooth, pattern, parity, max_iters, newton)
-        ctx.save_for_backward(x, params)
+    def forward(y, params, smooth, pattern, parity, max_iters, newton):
+        return reference.coupling_inv(y, params, smooth, pattern, parity, max_iters, newton)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, params, smooth, pattern, parity, _, _ = inputs
+        ctx.save_for_backward(output[0], params)
         ctx.config = (smooth, pattern, parity)
-        return x, logdet
 
     @staticmethod
     def backward(ctx, grad_x, grad_logdet):
@@ -645,7 +660,7 @@ def self_attention(qkv: Tensor, *, backend: str = "auto") -> Tensor:
             f"got shape {tuple(qkv.shape)}"
         )
     backend = resolve_backend(backend, qkv.device)
-    if backend != "cpp" or qkv.shape[3] > MAX_FUSED_HEAD_DIM:
+    if backend != "cpp" or qkv.shape[3] > MAX_FUSED_HEAD_DIM or _under_func_transform():
         return reference.self_attention(qkv)
     dtype = torch.float32 if qkv.dtype in (torch.float16, torch.bfloat16) else qkv.dtype
     out, _ = _attention_fwd(qkv.to(dtype).contiguous())

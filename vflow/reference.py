@@ -170,27 +170,27 @@ def coupling_bwd(
     parity: int,
     inverse: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Vector-Jacobian product of the forward or (``inverse=True``) of the inverse at x."""
-    with torch.enable_grad():
-        x_ = x.detach().requires_grad_(True)
-        p_ = params.detach().requires_grad_(True)
-        if not inverse:
-            y, logdet = coupling_fwd(x_, p_, smooth, pattern, parity)
-            loss = (y * grad_out).sum() + (logdet * grad_logdet).sum()
-            grad_x, grad_p = torch.autograd.grad(loss, (x_, p_))
-            return grad_x, grad_p
-        # Implicit-function gradient of the inverse x(y, theta) at its output x.
-        xa = _active(x_, pattern, parity)
-        y_el, logabsdet = mixlogistic_elementwise(xa, p_, smooth)
-        (dlog_dx,) = torch.autograd.grad(logabsdet.sum(), xa, retain_graph=True)
-        g_l = grad_logdet.reshape(-1, *([1] * (xa.dim() - 1)))
-        v = (_active(grad_out, pattern, parity) - g_l * dlog_dx) * torch.exp(-logabsdet)
-        (grad_p,) = torch.autograd.grad((-v.detach() * y_el - g_l * logabsdet).sum(), p_)
-        v = v.detach()
-        if pattern == PLAIN:
-            return v, grad_p
-        passive_grad = split(grad_out, pattern, parity)[1]
-        return merge(v, passive_grad, pattern, parity), grad_p
+    """Vector-Jacobian product of the forward or (``inverse=True``) of the inverse at x
+    (``torch.func.vjp``, so that it also runs inside torch.func transforms)."""
+    x, params = x.detach(), params.detach()
+    if not inverse:
+        _, vjp = torch.func.vjp(lambda x, p: coupling_fwd(x, p, smooth, pattern, parity), x, params)
+        return vjp((grad_out, grad_logdet))
+    # Implicit-function gradient of the inverse x(y, theta) at its output x: with
+    # y = f(x, theta) elementwise and l = log|df/dx|, dL/dy = (g_x - g_l dl/dx) / f'(x) and
+    # dL/dtheta = -(dL/dy) df/dtheta - g_l dl/dtheta.
+    xa = _active(x, pattern, parity)
+    (y_el, logabsdet), vjp = torch.func.vjp(
+        lambda xa, p: mixlogistic_elementwise(xa, p, smooth), xa, params
+    )
+    dlog_dx = vjp((torch.zeros_like(y_el), torch.ones_like(logabsdet)))[0]
+    g_l = grad_logdet.reshape(-1, *([1] * (xa.dim() - 1))).expand_as(logabsdet)
+    v = (_active(grad_out, pattern, parity) - g_l * dlog_dx) * torch.exp(-logabsdet)
+    grad_p = vjp((-v, -g_l))[1]
+    if pattern == PLAIN:
+        return v, grad_p
+    passive_grad = split(grad_out, pattern, parity)[1]
+    return merge(v, passive_grad, pattern, parity), grad_p
 
 
 def inverse_bracket(y: Tensor, params: Tensor, smooth: bool) -> tuple[Tensor, Tensor, Tensor]:
