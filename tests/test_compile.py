@@ -161,3 +161,22 @@ def test_only_training_steps_run_compiled_code(monkeypatch):
     assert C.uncompile_regions(model) == n
     model.bpd(x)
     assert len(calls) == n
+
+
+def test_compile_time_benchmark_quick_runs(tmp_path):
+    """``benchmarks/compile_time.py --quick`` (a tiny model, regional, cold cache) runs and
+    writes its row: graphs, compile seconds and the paired eager / compiled ratio."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "compile_time.py"
+    out = tmp_path / "compile_time.json"
+    cmd = [sys.executable, str(script), "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["mode"] == "regional" and row["graphs"] > 0, row
+    assert row["compile_wall_s"] > 0 and row["speedup"] > 0
+    assert abs(row["loss"] - row["eager_loss"]) < 0.05 * abs(row["eager_loss"])  # dropout differs

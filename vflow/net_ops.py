@@ -29,17 +29,21 @@ channels_last map, bfloat16 under autocast, ...) runs the reference ops, which g
 values (the Triton layer norm holds at most ``LAYER_NORM_MAX_CHANNELS`` = 1024 channels;
 more run the reference ops too). The fused ops are ``torch.library`` custom ops
 (``vflow::concat_elu_fwd`` / ``_bwd``, ``vflow::gated_residual_fwd`` / ``_bwd``,
-``vflow::layer_norm_fwd`` / ``_bwd``) with fake kernels, so they stay single ops in
-``torch.compile``'d regions; eager calls outside any dispatch mode skip the custom-op layer
-(``vflow.ops._direct_call_allowed``).
+``vflow::layer_norm_fwd`` / ``_bwd``) with fake kernels, which TorchDispatchModes (fake
+tensors, op counters, selective checkpointing) see as one op each; eager calls outside any
+dispatch mode skip the custom-op layer (``vflow.ops._direct_call_allowed``).
+
+Under ``torch.compile`` the ops trace as their plain torch definitions, which inductor fuses
+with the code around them into its own kernels: as opaque custom ops inside the compiled
+regions (``vflow.compile``) they made a ``vflow-cifar10`` regional compile 1.35x longer and
+its step 4% slower (``benchmarks/compile_time.py``, docs/training.md).
 
 Derivatives. In eager mode all three are differentiable twice: a backward with
 ``create_graph=True`` (the only kind a double backward starts from) computes the gradient
 with the plain torch ops of the definitions above, recorded by autograd, instead of the
-kernels, whose results cannot be differentiated. Under ``torch.compile`` the gradient is the
-``_bwd`` custom op: differentiable once (a double backward raises). Under ``torch.func``
-transforms (grad, jvp, vmap, hessian, ...), which torch's custom ops do not support, the ops
-run the plain torch ops (``vflow.ops._under_func_transform``).
+kernels, whose results cannot be differentiated. Under ``torch.func`` transforms (grad, jvp,
+vmap, hessian, ...), which torch's custom ops do not support, the ops run the plain torch
+ops too (``vflow.ops._under_func_transform``).
 """
 
 from __future__ import annotations
@@ -68,10 +72,12 @@ _PARAM = nn.Parameter  # a plain tensor for _call (weights are parameters)
 
 def _fused_backend(x: Tensor, backend: str) -> str | None:
     """The fused backend that runs ``x``, or None for the reference ops (always under a
-    ``torch.func`` transform)."""
+    ``torch.func`` transform and in torch.compile's tracing: module docstring)."""
     backend = resolve_backend(backend, x.device)
     fusable = x.dtype in FUSED_DTYPES and x.dim() >= 2 and x.is_contiguous()
     if backend == "reference" or not fusable or _under_func_transform():
+        return None
+    if torch.compiler.is_compiling():  # plain ops: inductor fuses them with their neighbours
         return None
     return backend
 
@@ -298,8 +304,9 @@ torch.library.register_autograd(
 
 def _eager_allowed(x: Tensor) -> bool:
     """Whether the eager autograd.Functions below may run ``x``: outside torch.compile's
-    tracing, which gets the registered custom ops instead (torch.func transforms never
-    reach the fused ops: ``_fused_backend``)."""
+    tracing, which gets the registered custom ops (only when called directly: ``vflow``'s
+    public ops trace as plain torch ops there, and torch.func transforms never reach the
+    fused ops: ``_fused_backend``)."""
     return not torch.compiler.is_compiling()
 
 
