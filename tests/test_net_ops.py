@@ -563,3 +563,42 @@ def test_paired_step_benchmark_runs():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "reference / fused CPU time per step" in proc.stdout
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+def test_regression_double_backward_of_gated_residual_when_only_x_needs_grad(backend, device):
+    """Found by review: with h not requiring grad, the create_graph backward asked autograd
+    for the gradient of no inputs and raised. d2/dx2 of sum(y^2) is 2 everywhere."""
+    if backend not in ops.available_backends(device):
+        pytest.skip(f"backend {backend} cannot run on {device}")
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    h = torch.randn(2, 6, 4, 5, dtype=torch.float64, device=device)
+    y = net_ops.gated_residual(x, h, backend=backend)
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    torch.testing.assert_close(gg, torch.full_like(x, 2.0))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+def test_regression_second_derivatives_of_the_inverse_raise_not_mislead(backend, device):
+    """Found by review: the inverse's implicit-function gradient is built from detached
+    tensors, so its derivative was silently wrong (reference, eager) or zero (jacrev of
+    jacrev). Now both raise, and one torch.func.grad still equals the eager gradient."""
+    if backend not in ops.available_backends(device):
+        pytest.skip(f"backend {backend} cannot run on {device}")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 3, generator=g, dtype=torch.float64).to(device)
+    params = (0.5 * torch.randn(1, 8, 3, generator=g, dtype=torch.float64)).to(device)
+    y = ops.mixlogistic_coupling(x0, params, backend="reference")[0]
+
+    def f(y):
+        return ops.mixlogistic_coupling_inverse(y, params, backend=backend)[0].pow(3).sum()
+
+    y_ = y.clone().requires_grad_()
+    with pytest.raises(RuntimeError):
+        (grad,) = torch.autograd.grad(f(y_), y_, create_graph=True)
+        torch.autograd.grad(grad.sum(), y_)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.func.jacrev(torch.func.jacrev(f))(y)
+    (eager,) = torch.autograd.grad(f(y_), y_)
+    torch.testing.assert_close(torch.func.grad(f)(y), eager, rtol=1e-12, atol=1e-12)

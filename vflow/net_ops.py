@@ -112,6 +112,8 @@ def _differentiable_vjp(
     an autograd.Function's saved inputs, still attached to their graph; None for those whose
     ``needs_grad`` is False."""
     wanted = [t for t, need in zip(inputs, needs_grad, strict=True) if need]
+    if not wanted:
+        return tuple(None for _ in needs_grad)
     with torch.enable_grad():
         out = plain_fn(*inputs, *constants)
     grads = iter(torch.autograd.grad(out, wanted, grad_output, create_graph=True))

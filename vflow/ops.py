@@ -32,8 +32,10 @@ The fused backends are registered as ``torch.library`` custom ops (``vflow::coup
 ``vflow::coupling_bwd``, ``vflow::coupling_inv``) with fake kernels and autograd formulas,
 so they work under ``torch.compile(fullgraph=True)``. The backward recomputes from the
 inputs and stores no N x K intermediates. Double backward is not supported by the fused ops.
-Under ``torch.func`` transforms (grad, vjp, jvp, jacrev, hessian, vmap, ...), which torch's
-custom ops do not support, every op runs the ``reference`` backend whatever ``backend`` says.
+Under ``torch.func`` transforms, which torch's custom ops do not support, every op runs the
+``reference`` backend whatever ``backend`` says: the forward coupling then supports every
+transform (grad, vjp, jvp, jacrev, hessian, vmap); the inverse supports grad, vjp and jacrev
+only, and is differentiable once (a double backward or hessian raises).
 
 ``self_attention`` is the multi-head softmax attention of the conditioning networks, on the
 channel-major layout a 1x1 conv gives. With ``backend="cpp"`` and heads of at most
@@ -431,6 +433,15 @@ class _ReferenceInverse(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_x, grad_logdet):
+        level = torch._C._functorch.maybe_current_level()  # None outside torch.func
+        if (level is None and torch.is_grad_enabled()) or (level is not None and level > 1):
+            # create_graph=True, or a transform over torch.func.grad / jacrev (a hessian):
+            # the implicit-function gradient is computed from detached x and params: its own
+            # derivative would be wrong, so a double backward is refused, never silent
+            raise RuntimeError(
+                "mixlogistic_coupling_inverse is differentiable once: a double backward "
+                "(create_graph=True, torch.func.hessian / jacrev of jacrev) is not supported"
+            )
         x, params = ctx.saved_tensors
         grad_y, grad_params = reference.coupling_bwd(
             x, params, grad_x, grad_logdet, *ctx.config, inverse=True
