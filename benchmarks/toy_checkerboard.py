@@ -74,7 +74,9 @@ models and data, bit for bit): ``--scale`` the couplings' log-scale, ``tanh3`` (
 tanh(s/3)``, today's), ``sigmoid`` (Glow's code: scale ``sigmoid(s + 2)``, in (0, 1), 0.88 at
 initialisation) or ``none`` (unbounded ``s``); ``--activation`` of the coupling MLPs' hidden
 layers, relu (today's), tanh or elu; ``--mixing`` ``linear`` (today's learned invertible
-linear map + bias before each coupling; the step has no ActNorm) or ``reverse`` (the fixed
+linear map + bias before each coupling, a random rotation at the start; the step has no
+ActNorm), ``identity`` (the same, from the identity), ``actnorm`` (Glow's whole step:
+ActNorm, data-initialised on 512 points, before the linear map) or ``reverse`` (the fixed
 reversal only, RealNVP-style); ``--q-steps`` conditional Glow steps of q (1, the paper);
 ``--train-set N`` a fixed training set of N points per seed, drawn once from the seed's data
 generator, batches drawn from it uniformly with replacement (0, today's: fresh samples every
@@ -186,8 +188,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     default=DEFAULT_FACTORS["activation"],
                     help="hidden activation of the coupling MLPs (today's: relu)")  # fmt: skip
     ap.add_argument("--mixing", choices=MIXINGS, default=DEFAULT_FACTORS["mixing"],
-                    help="linear: a learned invertible linear map + bias before each coupling "
-                    "(today's); reverse: the fixed reversal only")  # fmt: skip
+                    help="linear: a learned invertible linear map + bias before each coupling, "
+                    "a random rotation at the start (today's); identity: the same from W = I; "
+                    "actnorm: a data-initialised ActNorm before it (Glow's step); reverse: "
+                    "the fixed reversal only")  # fmt: skip
     ap.add_argument("--train-set", type=int, default=DEFAULT_FACTORS["train_set"],
                     help="0: fresh samples every batch (today's); N: a fixed training set of "
                     "N points drawn once per seed, batches drawn with replacement")  # fmt: skip

@@ -70,6 +70,9 @@ FLOWS = {
     "glow D=4 L=2 tanh": (lambda: toy.Glow(4, 2, activation="tanh").flow, 4, 0),
     "glow D=4 L=2 elu": (lambda: toy.Glow(4, 2, activation="elu").flow, 4, 0),
     "glow D=4 L=2 reverse": (lambda: toy.Glow(4, 2, mixing="reverse").flow, 4, 0),
+    "glow D=4 L=2 identity": (lambda: toy.Glow(4, 2, mixing="identity").flow, 4, 0),
+    "glow D=4 L=2 actnorm": (lambda: toy.Glow(4, 2, mixing="actnorm").flow, 4, 0),
+    "q D_Z=4 actnorm two steps": (lambda: toy.CondFlow(4, 2, 2, mixing="actnorm").flow, 4, 2),
     "q D_Z=4 two steps + base": (lambda: toy.CondFlow(4, 2, 2, True).flow, 4, 2),
     "q D_Z=4 reverse sigmoid": (
         lambda: toy.CondFlow(4, 2, gaussian_base=True, mixing="reverse", scale="sigmoid").flow,
@@ -615,6 +618,9 @@ FACTOR_LEVELS = [
     {"activation": "tanh"},
     {"activation": "elu"},
     {"mixing": "reverse"},
+    {"mixing": "identity"},
+    {"mixing": "actnorm"},
+    {"mixing": "actnorm", "q_steps": 2, "q_base": True},
     {"q_steps": 2},
     {"q_steps": 2, "q_base": True, "mixing": "reverse", "scale": "sigmoid"},
     {"train_set": 300},
@@ -679,6 +685,45 @@ def test_each_factor_changes_the_model_as_claimed():
                 dict(q_steps=0), dict(train_set=-1)]:  # fmt: skip
         with pytest.raises(ValueError):
             toy.factor_dict(**bad)
+
+
+def test_identity_and_actnorm_mixings_start_as_claimed():
+    """identity: every W starts at I; actnorm: Glow's step [ActNorm, InvLinear, Coupling,
+    Reverse], and data_init makes every ActNorm of p standardise what reaches it on the init
+    batch (the seed's 512 points, z from the initial q), leaving q's at the identity and the
+    global random stream where it was."""
+    for layer in toy.make_model(10, 3, mixing="identity").modules():
+        if isinstance(layer, toy.InvLinear):
+            assert torch.equal(layer.weight, torch.eye(layer.weight.shape[0]))
+    assert [type(m).__name__ for m in toy.make_model(2, 2, mixing="actnorm").flow.layers] == [
+        "ActNorm", "InvLinear", "Coupling", "Reverse"] * 2  # fmt: skip
+    for dim in (2, 10):
+        torch.manual_seed(7)
+        model = toy.make_model(dim, 4, mixing="actnorm").double()
+        state = torch.get_rng_state()
+        toy.data_init(model, seed=7)
+        assert torch.equal(state, torch.get_rng_state())
+        glow = model if dim == 2 else model.p
+        gen = torch.Generator().manual_seed(20_007)
+        h = toy.sample_checkerboard(toy.DATA_INIT_POINTS, gen).double()
+        if dim == 10:
+            noise = torch.randn(toy.DATA_INIT_POINTS, 8, generator=gen).double()
+            h = torch.cat([h, model.q.flow.inverse(noise, h)[0]], dim=1)
+        norms = [m for m in glow.flow.layers if isinstance(m, toy.ActNorm)]
+        assert len(norms) == (4 if dim == 2 else 3)
+        with torch.no_grad():
+            for layer in glow.flow.layers:
+                h = layer(h)[0]
+                if isinstance(layer, toy.ActNorm):
+                    torch.testing.assert_close(h.mean(0), torch.zeros(dim, dtype=h.dtype),
+                                               atol=1e-12, rtol=0)  # fmt: skip
+                    torch.testing.assert_close(h.std(0), torch.ones(dim, dtype=h.dtype),
+                                               atol=1e-5, rtol=0)  # fmt: skip
+                    assert not torch.equal(layer.log_scale, torch.zeros_like(layer.log_scale))
+        if dim == 10:
+            for m in model.q.modules():
+                if isinstance(m, toy.ActNorm):
+                    assert not m.bias.any() and not m.log_scale.any()
 
 
 def test_a_fixed_training_set_is_drawn_once_and_batches_come_from_it():

@@ -57,7 +57,8 @@ def std_normal_logpdf(e: Tensor) -> Tensor:
 
 SCALES = ("tanh3", "sigmoid", "none")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
-MIXINGS = ("linear", "reverse")
+# How a Glow step mixes its dimensions before the coupling (see :func:`glow_steps`).
+MIXINGS = ("linear", "reverse", "identity", "actnorm")
 # The model and data factors of issue 30's one-factor-at-a-time screen; the defaults are
 # today's models and data (every run before these options): see :func:`factor_dict`.
 DEFAULT_FACTORS = {"scale": "tanh3", "activation": "relu", "mixing": "linear", "q_base": False,
@@ -97,11 +98,13 @@ def mlp(
 class InvLinear(nn.Module):
     """``y = x W^T + b`` with a learned ``D x D`` matrix ``W`` (Glow's 1x1 convolution of a
     vector, plus the bias that plays ActNorm's shift); ``logdet = log|det W|`` via slogdet.
-    ``W`` starts as a random orthogonal matrix, ``b`` at 0."""
+    ``W`` starts as a random orthogonal matrix (Glow's code), or as ``I`` with ``identity``
+    (no random draw then), ``b`` at 0."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, identity: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.linalg.qr(torch.randn(dim, dim))[0])
+        w = torch.eye(dim) if identity else torch.linalg.qr(torch.randn(dim, dim))[0]
+        self.weight = nn.Parameter(w)
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: Tensor, c: Tensor | None = None):
@@ -112,6 +115,31 @@ class InvLinear(nn.Module):
         logdet = torch.linalg.slogdet(self.weight)[1]
         x = torch.linalg.solve(self.weight, (y - self.bias).T).T
         return x, -logdet.expand(y.shape[0])
+
+
+class ActNorm(nn.Module):
+    """Glow's activation normalisation: ``y = (x + b) exp(log_s)`` per dimension,
+    ``logdet = sum(log_s)``. Starts as the identity; :func:`data_init` sets ``b`` and
+    ``log_s`` so that ``y`` has zero mean and unit variance per dimension on an init batch
+    (Kingma & Dhariwal 2018, section 3.1)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.log_scale = nn.Parameter(torch.zeros(dim))
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """``b = -mean(x)``, ``log_s = -log(std(x) + 1e-6)`` over the batch ``x`` ``(N, D)``."""
+        self.bias.copy_(-x.mean(dim=0))
+        self.log_scale.copy_(-torch.log(x.std(dim=0) + 1e-6))
+
+    def forward(self, x: Tensor, c: Tensor | None = None):
+        return (x + self.bias) * self.log_scale.exp(), self.log_scale.sum().expand(x.shape[0])
+
+    def inverse(self, y: Tensor, c: Tensor | None = None):
+        x = y * (-self.log_scale).exp() - self.bias
+        return x, -self.log_scale.sum().expand(y.shape[0])
 
 
 class Reverse(nn.Module):
@@ -198,14 +226,19 @@ def glow_steps(
     mixing: str = "linear",
 ) -> list[nn.Module]:
     """``steps`` Glow steps on ``R^dim``: [InvLinear, Coupling, Reverse] each (today's,
-    ``mixing="linear"``), or [Coupling, Reverse] with ``mixing="reverse"`` (a fixed
-    permutation only, RealNVP-style: no learned linear map and no bias)."""
+    ``mixing="linear"``, ``W`` a random rotation at the start); ``"identity"``: the same
+    with ``W = I`` at the start; ``"actnorm"``: [ActNorm, InvLinear, Coupling, Reverse],
+    Glow's whole step (ActNorm data-initialised by :func:`data_init`); ``"reverse"``:
+    [Coupling, Reverse] (a fixed permutation only, RealNVP-style: no learned linear map and
+    no bias)."""
     if mixing not in MIXINGS:
         raise ValueError(f"mixing: expected one of {MIXINGS}, got {mixing!r}")
     out = []
     for _ in range(steps):
-        if mixing == "linear":
-            out.append(InvLinear(dim))
+        if mixing == "actnorm":
+            out.append(ActNorm(dim))
+        if mixing != "reverse":
+            out.append(InvLinear(dim, identity=mixing == "identity"))
         out += [Coupling(dim, cond_dim, scale=scale, activation=activation), Reverse()]
     return out
 
@@ -330,6 +363,34 @@ def make_model(
     return VFlow(dim, steps, q_base=q_base, q_steps=q_steps, **arch)
 
 
+DATA_INIT_POINTS = 512  # the init batch of :func:`data_init`
+
+
+@torch.no_grad()
+def data_init(model: nn.Module, seed: int) -> None:
+    """Glow's data-dependent initialisation of the ActNorms of ``model``'s p flow (only
+    ``mixing="actnorm"`` has them; a no-op otherwise): an init batch of
+    :data:`DATA_INIT_POINTS` checkerboard points (for a VFlow with ``z ~ q(z|x)`` of the
+    initial q appended) goes through p's layers in order, and each ActNorm is set to
+    standardise what reaches it. The batch and ``z``'s noise come from their own generator
+    seeded ``20_000 + seed``, so the training streams are untouched. q's ActNorms stay the
+    identity: at the start q's output ``z`` is already a standard normal (its couplings
+    start as the identity and its linear maps are rotations)."""
+    glow = model if isinstance(model, Glow) else model.p
+    if not any(isinstance(m, ActNorm) for m in glow.modules()):
+        return
+    gen = torch.Generator().manual_seed(20_000 + seed)
+    dtype = next(model.parameters()).dtype
+    h = sample_checkerboard(DATA_INIT_POINTS, gen).to(dtype)
+    if isinstance(model, VFlow):
+        noise = torch.randn(DATA_INIT_POINTS, model.q.dim, generator=gen).to(dtype)
+        h = torch.cat([h, model.q.flow.inverse(noise, h)[0]], dim=1)
+    for layer in glow.flow.layers:
+        if isinstance(layer, ActNorm):
+            layer.initialize(h)
+        h = layer(h)[0]
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -414,7 +475,9 @@ def factor_dict(
 
     ``scale``: the couplings' log-scale (:func:`log_scale`); ``activation``: their MLPs'
     hidden activation (relu, tanh, elu); ``mixing``: ``"linear"`` (a learned invertible
-    linear map + bias before each coupling) or ``"reverse"`` (the fixed reversal only);
+    linear map + bias before each coupling, a random rotation at the start), ``"identity"``
+    (the same from ``W = I``), ``"actnorm"`` (Glow's data-initialised ActNorm before it) or
+    ``"reverse"`` (the fixed reversal only);
     ``q_base``, ``q_steps``: q's conditional Gaussian base and number of conditional steps;
     ``train_set``: 0 for fresh samples every batch, else a fixed training set of that many
     points drawn once (see :func:`train_single`)."""
@@ -464,8 +527,9 @@ def train_single(
     ``t`` is ``lr_values(lr, schedule, iters, final_lr_frac)[t]`` (default: constant).
     ``dtype`` (float64 for tests) casts the model after its initialisation and each batch
     after it is drawn. ``scale``, ``activation``, ``mixing``, ``q_steps``: the model
-    (:func:`make_model`). ``train_set`` > 0: a fixed training set of that many points is
-    drawn first from ``gen`` (:func:`draw_train_set`), and batch ``t`` is its points at
+    (:func:`make_model`; then :func:`data_init`, after the cast). ``train_set`` > 0: a
+    fixed training set of that many points is drawn first from ``gen``
+    (:func:`draw_train_set`), and batch ``t`` is its points at
     ``randint(0, train_set, (batch,), generator=gen)`` (uniform, with replacement) instead
     of fresh samples. Returns the trained model (in train
     mode), the per-iteration losses, shape ``(iters,)``, and the number of skipped steps.
@@ -474,6 +538,7 @@ def train_single(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(10_000 + seed)
     model = make_model(dim, steps, q_base, scale, activation, mixing, q_steps).to(dtype)
+    data_init(model, seed)
     data = draw_train_set(gen, train_set)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     lrs = lr_values(lr, schedule, iters, final_lr_frac)
@@ -600,13 +665,17 @@ def normal_batches(
     return torch.stack([torch.randn(batch, dim, generator=gen, dtype=dtype) for _ in range(iters)])
 
 
-def step_fields(dim: int, cond: int, split: int, inv: bool) -> list[tuple[str, tuple]]:
-    """Stacked fields of one layer on ``R^dim`` with a context of ``cond`` dims: if ``inv``, the
+def step_fields(
+    dim: int, cond: int, split: int, inv: bool, actnorm: bool = False
+) -> list[tuple[str, tuple]]:
+    """Stacked fields of one layer on ``R^dim`` with a context of ``cond`` dims: if
+    ``actnorm``, the ``ActNorm`` (``an_b``, ``an_logs``); if ``inv``, the
     ``InvLinear`` (``inv_w`` as ``W``, ``inv_b``); then the coupling MLP of
     :class:`Coupling` with ``split`` (0: a conditional Gaussian layer), weights stored
     transposed, ``(in, out)``, biases ``(1, out)``, so that a layer is ``baddbmm(b, h, w)``."""
     out = 2 * (dim - split)
-    fields = [("inv_w", (dim, dim)), ("inv_b", (1, dim))] if inv else []
+    fields = [("an_b", (1, dim)), ("an_logs", (1, dim))] if actnorm else []
+    fields += [("inv_w", (dim, dim)), ("inv_b", (1, dim))] if inv else []
     return fields + [
         ("w1", (split + cond, HIDDEN)),
         ("b1", (1, HIDDEN)),
@@ -617,12 +686,16 @@ def step_fields(dim: int, cond: int, split: int, inv: bool) -> list[tuple[str, t
     ]
 
 
-def single_fields(inv: InvLinear | None, coupling: Coupling) -> dict[str, Tensor]:
+def single_fields(
+    inv: InvLinear | None, coupling: Coupling, actnorm: ActNorm | None = None
+) -> dict[str, Tensor]:
     """The parameters of one single-model layer as views in the stacked layout of
     :func:`step_fields` (``w = weight.T``, ``b = bias[None]``): copying into or out of these
     views moves weights between a single model and an ensemble member."""
     lin = [m for m in coupling.net if isinstance(m, nn.Linear)]
     out = {"inv_w": inv.weight, "inv_b": inv.bias.view(1, -1)} if inv is not None else {}
+    if actnorm is not None:
+        out["an_b"], out["an_logs"] = actnorm.bias.view(1, -1), actnorm.log_scale.view(1, -1)
     for i, m in enumerate(lin, start=1):
         out[f"w{i}"], out[f"b{i}"] = m.weight.T, m.bias.view(1, -1)
     return out
@@ -725,7 +798,11 @@ def stacked_glow_step(
     ``x`` ``(n, B, D)`` -> ``x W^T + b`` (logdet ``log|det W|``, ``(n,)``, from ``ld`` if
     given), the coupling, ``flip``; returns the new ``x`` and ``logdet`` ``(n, B)`` plus this
     step's log-determinant. Without an ``inv_w`` field in ``w`` (``mixing="reverse"``) the
-    step is [Coupling, Reverse]."""
+    step is [Coupling, Reverse]; with ``an_logs`` (``mixing="actnorm"``) it starts with the
+    ActNorm ``(x + b) exp(log_s)`` (logdet ``sum(log_s)``)."""
+    if "an_logs" in w:
+        x = (x + w["an_b"]) * w["an_logs"].exp()
+        logdet = logdet + w["an_logs"].sum(dim=-1)
     if "inv_w" in w:
         if ld is None:
             ld = torch.linalg.slogdet(w["inv_w"])[1]
@@ -747,11 +824,14 @@ def stacked_glow_step_inverse(
     ``log|det dx/dy|`` to ``logdet`` ``(n, B)``."""
     y, ld = stacked_coupling(w, y.flip(-1), c, y.shape[-1] // 2, True, scale, activation)
     logdet = logdet + ld
-    if "inv_w" not in w:
-        return y, logdet
-    ld = torch.linalg.slogdet(w["inv_w"])[1]
-    x = torch.linalg.solve(w["inv_w"], (y - w["inv_b"]).transpose(1, 2)).transpose(1, 2)
-    return x, logdet - ld[:, None]
+    if "inv_w" in w:
+        ld = torch.linalg.slogdet(w["inv_w"])[1]
+        y = torch.linalg.solve(w["inv_w"], (y - w["inv_b"]).transpose(1, 2)).transpose(1, 2)
+        logdet = logdet - ld[:, None]
+    if "an_logs" in w:
+        y = y * (-w["an_logs"]).exp() - w["an_b"]
+        logdet = logdet - w["an_logs"].sum(dim=-1)
+    return y, logdet
 
 
 def p_depth(dim: int, steps: int) -> int:
@@ -795,13 +875,16 @@ class ToyEnsemble:
                      "q_steps": q_steps}  # fmt: skip
         self.train_set = train_set
         self._act = {"scale": scale, "activation": activation}  # for the stacked layers
-        inv = mixing == "linear"
+        inv, actnorm = mixing != "reverse", mixing == "actnorm"
         self.members = sorted(members, key=lambda m: -p_depth(dim, m[0]))
         depths = [p_depth(dim, steps) for steps, _ in self.members]
         assert min(depths) >= 1, "every member needs at least one p step"
         self.slot_sizes = [sum(d > k for d in depths) for k in range(max(depths))]
         self.p = ParamBlock(
-            [("step", step_fields(dim, 0, dim // 2, inv))], self.slot_sizes, dtype, ("inv_w",)
+            [("step", step_fields(dim, 0, dim // 2, inv, actnorm))],
+            self.slot_sizes,
+            dtype,
+            ("inv_w",),
         )
         self.dz = dim - 2
         self.q_layers = []
@@ -809,7 +892,8 @@ class ToyEnsemble:
             if self.dz >= 2:
                 for k in range(q_steps):
                     name = "step" if k == 0 else f"step{k}"
-                    self.q_layers.append((name, step_fields(self.dz, 2, self.dz // 2, inv)))
+                    fields = step_fields(self.dz, 2, self.dz // 2, inv, actnorm)
+                    self.q_layers.append((name, fields))
             if self.dz == 1 or q_base:
                 self.q_layers.append(("base", step_fields(self.dz, 2, 0, False)))
             self.q = ParamBlock(self.q_layers, [len(self.members)], dtype)
@@ -820,6 +904,7 @@ class ToyEnsemble:
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
                 model = make_model(dim, steps, q_base, **self.arch).to(dtype)
+                data_init(model, seed)
                 self.noise_gens.append(torch.Generator())
                 self.noise_gens[-1].set_state(torch.get_rng_state())
             self.data_gens.append(torch.Generator().manual_seed(10_000 + seed))
@@ -832,12 +917,11 @@ class ToyEnsemble:
     def _layer_pairs(self, model: nn.Module, e: int):
         """(ensemble views, single-model views) of member ``e``'s layers, one pair per layer."""
         glow = model if self.dim == 2 else model.p
-        per = 3 if self.arch["mixing"] == "linear" else 2  # layers per step
+        per = {"reverse": 2, "actnorm": 4}.get(self.arch["mixing"], 3)  # layers per step
 
         def step_pair(layers, k):
-            if per == 3:
-                return single_fields(layers[3 * k], layers[3 * k + 1])
-            return single_fields(None, layers[2 * k])
+            step = {type(m): m for m in layers[per * k : per * (k + 1)]}
+            return single_fields(step.get(InvLinear), step[Coupling], step.get(ActNorm))
 
         steps = glow.flow.layers
         for k in range(len(steps) // per):
@@ -873,7 +957,7 @@ class ToyEnsemble:
         others have finished (sorted by depth) and are set aside."""
         done = []
         logdet = x.new_zeros(x.shape[:2])
-        inv = "step" in self.p.whole  # an InvLinear in each step (mixing "linear")
+        inv = "step" in self.p.whole  # an InvLinear in each step (every mixing but "reverse")
         if inv:
             ld_w = torch.linalg.slogdet(self.p.whole["step"]["inv_w"])[1]  # every slot at once
         for k, n in enumerate(self.slot_sizes):
