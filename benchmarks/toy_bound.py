@@ -21,11 +21,16 @@ a better q raises IW_100 towards the large-S value, q's fit was the limit.
     python benchmarks/toy_bound.py results/toy30/long/1e-3_cosine/10x3/state/*.pt
     python benchmarks/toy_bound.py STATE.pt --samples 1,100,10000 --refit-q 20000
     python benchmarks/toy_bound.py --quick       # a tiny trained ensemble (CI)
+
+``--curves LABEL=FOLDER ... --plot PNG`` draws the training ELBO (median over seeds, per
+1,000 iterations) of toy_checkerboard output folders side by side, e.g. one cell trained
+for 100k and for 300k iterations, against the paper's value (``--paper``).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import sys
@@ -97,6 +102,31 @@ def table(results: dict[int, torch.Tensor], label: str) -> list[dict]:
     return rows
 
 
+def plot_curves(curves: list[tuple[str, Path]], path: Path, paper: float | None) -> None:
+    """The median over seeds of the training ELBO in each folder's ``curves.csv``, one line
+    per ``(label, folder)``, with the optimum ``-log 32`` and ``paper`` as dotted lines."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, folder in curves:
+        with open(folder / "curves.csv") as f:
+            rows = [(int(r["iter"]), float(r["train_elbo"])) for r in csv.DictReader(f)]
+        its = sorted({i for i, _ in rows})
+        med = [np.median([v for i, v in rows if i == it]) for it in its]
+        ax.plot(its, med, lw=1, label=label)
+    ax.axhline(-math.log(32), color="k", ls=":", lw=1, label="optimum -log 32")
+    if paper is not None:
+        ax.axhline(paper, color="r", ls=":", lw=1, label=f"paper's test ll {paper}")
+    ax.set_ylim(-math.log(32) - 0.4, -math.log(32) + 0.02)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training ELBO, median over seeds (nats)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -109,7 +139,20 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--refit-lr", type=float, default=1e-4)
     ap.add_argument("--json", type=Path, default=None, help="write the rows here")
     ap.add_argument("--quick", action="store_true", help="train a tiny ensemble and use it")
+    ap.add_argument("--curves", nargs="*", default=[],
+                    help="LABEL=FOLDER: toy_checkerboard output folders to plot")  # fmt: skip
+    ap.add_argument("--plot", type=Path, default=None, help="the learning-curve plot (PNG)")
+    ap.add_argument("--paper", type=float, default=None, help="the paper's value, drawn")
     args = ap.parse_args(argv)
+    if args.curves:
+        if args.plot is None:
+            ap.error("--curves needs --plot")
+        pairs = [c.split("=", 1) for c in args.curves]
+        if any(len(p) != 2 or not (Path(p[1]) / "curves.csv").exists() for p in pairs):
+            ap.error(f"--curves: expected LABEL=FOLDER with a curves.csv, got {args.curves}")
+        plot_curves([(label, Path(d)) for label, d in pairs], args.plot, args.paper)
+        if not (args.states or args.quick):
+            return []
     torch.set_num_threads(1)
     samples = sorted(int(s) for s in args.samples.split(","))
     ensembles = [(str(p), load_ensemble(p)) for p in args.states]

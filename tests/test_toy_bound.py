@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -55,3 +56,20 @@ def test_quick_mode_runs(capsys):
     rows = toy_bound.main(["--quick"])
     assert {r["S"] for r in rows} == {0, 1, 4, 16}
     assert "+q20" in capsys.readouterr().out
+
+
+def test_curves_plot_and_its_errors(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    rows = ["dims,steps,seed,iter,train_elbo"] + [
+        f"10,3,{s},{i * 1000},{-4 + 0.01 * i + 0.001 * s}" for s in range(2) for i in range(1, 6)
+    ]
+    (folder / "curves.csv").write_text("\n".join(rows) + "\n")
+    png = tmp_path / "c.png"
+    assert toy_bound.main(["--curves", f"short={folder}", "--plot", str(png), "--paper",
+                           "-3.51"]) == []  # fmt: skip
+    assert png.stat().st_size > 0
+    for bad in (["--curves", f"short={folder}"], ["--curves", str(folder), "--plot", str(png)],
+                ["--curves", f"x={tmp_path}", "--plot", str(png)]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            toy_bound.main(bad)
