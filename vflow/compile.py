@@ -69,10 +69,22 @@ def compile_mode(value: bool | str | None) -> str:
 
 
 def compile_options(device: torch.device | str) -> dict | None:
-    """Inductor options of vflow's compiled code: on CPU the C++ wrapper (the generated code
-    calls its kernels, GEMMs, convolutions and custom ops from C++ instead of Python, which
-    saved about a tenth of a digits training step)."""
-    return {"cpp_wrapper": True} if torch.device(device).type == "cpu" else None
+    """Inductor options of vflow's compiled code on CPU (measured on ``vflow-cifar10``'s
+    blocks, one thread, ``benchmarks/compile_time.py`` and docs/training.md):
+
+    * ``cpp_wrapper``: the generated code calls its kernels, GEMMs, convolutions and custom
+      ops from C++ instead of Python (saved about a tenth of a digits training step);
+    * ``fallback_random``: dropout draws its mask with eager's ``bernoulli_`` (the same masks
+      as the eager step for the same seed) instead of inductor's own random numbers, whose
+      generated C++ took 2-3x as long as ATen's kernel;
+    * no ``layout_optimization``: inductor would run the convolutions channels_last and
+      transpose every block's activations in and out of that layout (the eager step and the
+      code between the regions are NCHW), which cost more than it saved.
+
+    None (inductor's defaults) on other devices."""
+    if torch.device(device).type != "cpu":
+        return None
+    return {"cpp_wrapper": True, "fallback_random": True, "layout_optimization": False}
 
 
 def _compiled_forward(cls: type, options: dict | None, backend: str):
