@@ -72,12 +72,11 @@ def _block_kinds(model, x) -> tuple[set, int]:
 @pytest.fixture(scope="module")
 def compiled_run():
     """The eager step, then the regionally compiled step (and a second one) of one model.
-    ``vflow train``'s CPU inductor options (``fallback_random``: eager's dropout masks; no
-    layout optimisation) less the C++ wrapper, which generates the same kernels and would
-    double the compilation time of this test."""
-    options = {k: v for k, v in C.compile_options("cpu").items() if k != "cpp_wrapper"}
+    The regions' CPU inductor options (``vflow.compile.region_options``: ``fallback_random``,
+    eager's dropout masks; no layout optimisation) less the C++ wrapper, which generates the
+    same kernels and would double the compilation time of this test."""
     patch = pytest.MonkeyPatch()
-    patch.setattr(C, "compile_options", lambda device: options)
+    patch.setattr(C, "compile_options", lambda device: None)
     n_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch._dynamo.reset()

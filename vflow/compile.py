@@ -25,7 +25,7 @@ Only training steps are compiled: a region runs its compiled code when its modul
 training mode and grad mode is on, and the eager ``forward`` otherwise, so evaluation and
 sampling (other batch sizes, no dropout, no autograd) neither compile nor recompile.
 ``uncompile_regions`` restores the eager ``forward``. On CPU the regions are compiled with
-inductor's ``fallback_random`` (:func:`compile_options`): dropout inside a compiled region
+inductor's ``fallback_random`` (:func:`region_options`): dropout inside a compiled region
 draws its masks with eager's kernel, the same masks as the eager step for the same seed
 (which ``tests/test_compile.py`` relies on).
 
@@ -53,6 +53,7 @@ __all__ = [
     "compile_mode",
     "compile_options",
     "compile_regions",
+    "region_options",
     "uncompile_regions",
 ]
 
@@ -81,22 +82,29 @@ def compile_mode(value: bool | str | None) -> str:
 
 
 def compile_options(device: torch.device | str) -> dict | None:
-    """Inductor options of vflow's compiled code on CPU (measured on ``vflow-cifar10``'s
-    blocks, one thread, ``benchmarks/compile_time.py`` and docs/training.md):
+    """Inductor options of vflow's compiled code (both modes): on CPU the C++ wrapper (the
+    generated code calls its kernels, GEMMs, convolutions and custom ops from C++ instead of
+    Python, which saved about a tenth of a digits training step)."""
+    return {"cpp_wrapper": True} if torch.device(device).type == "cpu" else None
 
-    * ``cpp_wrapper``: the generated code calls its kernels, GEMMs, convolutions and custom
-      ops from C++ instead of Python (saved about a tenth of a digits training step);
-    * ``fallback_random``: dropout draws its mask with eager's ``bernoulli_`` (the same masks
-      as the eager step for the same seed) instead of inductor's own random numbers, whose
-      generated C++ took 2-3x as long as ATen's kernel;
-    * no ``layout_optimization``: inductor would run the convolutions channels_last and
-      transpose every block's activations in and out of that layout (the eager step and the
-      code between the regions are NCHW), which cost more than it saved.
 
-    None (inductor's defaults) on other devices."""
-    if torch.device(device).type != "cpu":
-        return None
-    return {"cpp_wrapper": True, "fallback_random": True, "layout_optimization": False}
+def region_options(device: torch.device | str) -> dict | None:
+    """Inductor options of the compiled regions: :func:`compile_options` and, on CPU
+    (measured on ``vflow-cifar10``'s blocks, one thread; docs/training.md):
+
+    * ``fallback_random``: dropout draws its mask with eager's ``bernoulli_`` (the same
+      masks as the eager step for the same seed) instead of inductor's own random numbers,
+      whose generated C++ took 2-3x as long as ATen's kernel;
+    * no ``layout_optimization``: inductor would run a region's convolutions channels_last
+      and transpose its activations into and out of that layout (the eager code between
+      the regions is NCHW), which cost more than it saved.
+
+    Together they took the regional ``vflow-cifar10`` step from 0.93x to 1.03x the speed of
+    the eager step."""
+    options = compile_options(device)
+    if torch.device(device).type == "cpu":
+        options = {**(options or {}), "fallback_random": True, "layout_optimization": False}
+    return options
 
 
 def _compiled_forward(cls: type, options: dict | None, backend: str):
@@ -125,11 +133,12 @@ def compile_regions(
     """Regional compilation of ``model`` in place (see the module docstring): every submodule
     of a :data:`REGION_CLASSES` class runs its class's shared compiled ``forward`` in training
     steps. Compilation happens on the first training step, once per unit class and input
-    shape. ``device`` picks the inductor options (default: the parameters' device);
-    ``backend`` is ``torch.compile``'s. Returns the number of modules made regions."""
+    shape. ``device`` picks the inductor options (:func:`region_options`; default: the
+    parameters' device); ``backend`` is ``torch.compile``'s. Returns the number of modules
+    made regions."""
     if device is None:
         device = next(model.parameters()).device
-    options = compile_options(device) if backend == "inductor" else None
+    options = region_options(device) if backend == "inductor" else None
     n = 0
     for module in model.modules():
         if type(module) in REGION_CLASSES:
