@@ -1,6 +1,6 @@
 """Regional compilation: ``torch.compile`` of the networks' repeated units, not the whole ELBO.
 
-A ``vflow-cifar10`` training step calls ~425 small network modules of 14 distinct (class,
+A ``vflow-cifar10`` training step calls 406 small network modules of a dozen distinct (class,
 input shape) kinds (``GatedConv``, ``ChannelLayerNorm`` and ``GatedAttention`` at four
 resolutions). Tracing the whole ELBO into one graph compiles every one of them again (it did
 not finish in 200 s on a 16-core machine); PyTorch's regional compilation recipe compiles a
@@ -11,18 +11,30 @@ repeated unit once and reuses the code for every instance.
 ``forward`` becomes :func:`_region_forward`, which passes the instance as an argument to the
 class's compiled function. Dynamo treats the instance's parameters as graph inputs (inlined
 ``nn`` modules, the default since torch 2.5), so two instances of the same shape hit the same
-compiled graph, and a new input shape is one more graph of that function (``dynamic=False``:
-static-shape kernels, as many graphs as shapes; ``vflow-cifar10`` has 6 + 4 + 4). The
+compiled graph. Shapes are dynamic (``dynamic=True``): one graph serves every batch size and
+the spatial sizes that no parameter fixes, so a class has one graph per kind of instance
+(parameter shapes, context given or not; the attention's position embedding fixes its H and
+W): ``vflow-cifar10`` compiles 12 graphs, ``vflow-digits`` 11. The
 coupling ops, ActNorm, the 1x1 convolutions of the flow and the logdet bookkeeping stay
-eager; the attention's ``vflow::attention`` custom op is called from the compiled
-attention region as an opaque op (its own fused kernels, not traced into).
+eager; the attention's ``vflow::attention`` custom op (heads of at most
+``vflow.ops.MAX_FUSED_HEAD_DIM`` channels) is called from the compiled attention region as
+an opaque op, and larger heads (``vflow-cifar10``'s 24) run ATen's
+``scaled_dot_product_attention`` kernels there as in eager mode.
 
 Only training steps are compiled: a region runs its compiled code when its module is in
 training mode and grad mode is on, and the eager ``forward`` otherwise, so evaluation and
 sampling (other batch sizes, no dropout, no autograd) neither compile nor recompile.
-``uncompile_regions`` restores the eager ``forward``. Dropout inside a compiled region draws
-from inductor's random stream unless ``torch._inductor.config.fallback_random`` is set (then
-the masks equal eager's for the same seed, which ``tests/test_compile.py`` relies on).
+``uncompile_regions`` restores the eager ``forward``. On CPU the regions are compiled with
+inductor's ``fallback_random`` (:func:`region_options`): dropout inside a compiled region
+draws its masks with eager's kernel, the same masks as the eager step for the same seed
+(which ``tests/test_compile.py`` relies on).
+
+Why the regions are single blocks and not whole networks: a ``CouplingNet`` of 10 blocks
+compiled as one region took 224 s to compile (one graph; ``vflow-cifar10`` would need about
+eight such) and its forward + backward was 1.03x (1.02-1.09) the eager one, no better
+than the per-block regions; on the CPU ~85% of an eager ``vflow-cifar10`` step is in
+convolution, GEMM, attention and dropout-mask kernels that compiled code calls unchanged,
+which caps any compiled speed-up near 1.17x (docs/training.md).
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ __all__ = [
     "compile_mode",
     "compile_options",
     "compile_regions",
+    "region_options",
     "uncompile_regions",
 ]
 
@@ -69,10 +82,29 @@ def compile_mode(value: bool | str | None) -> str:
 
 
 def compile_options(device: torch.device | str) -> dict | None:
-    """Inductor options of vflow's compiled code: on CPU the C++ wrapper (the generated code
-    calls its kernels, GEMMs, convolutions and custom ops from C++ instead of Python, which
-    saved about a tenth of a digits training step)."""
+    """Inductor options of vflow's compiled code (both modes): on CPU the C++ wrapper (the
+    generated code calls its kernels, GEMMs, convolutions and custom ops from C++ instead of
+    Python, which saved about a tenth of a digits training step)."""
     return {"cpp_wrapper": True} if torch.device(device).type == "cpu" else None
+
+
+def region_options(device: torch.device | str) -> dict | None:
+    """Inductor options of the compiled regions: :func:`compile_options` and, on CPU
+    (measured on ``vflow-cifar10``'s blocks, one thread; docs/training.md):
+
+    * ``fallback_random``: dropout draws its mask with eager's ``bernoulli_`` (the same
+      masks as the eager step for the same seed) instead of inductor's own random numbers,
+      whose generated C++ took 2-3x as long as ATen's kernel;
+    * no ``layout_optimization``: inductor would run a region's convolutions channels_last
+      and transpose its activations into and out of that layout (the eager code between
+      the regions is NCHW), which cost more than it saved.
+
+    Together they took the regional ``vflow-cifar10`` step from 0.93x to 1.03x the speed of
+    the eager step."""
+    options = compile_options(device)
+    if torch.device(device).type == "cpu":
+        options = {**(options or {}), "fallback_random": True, "layout_optimization": False}
+    return options
 
 
 def _compiled_forward(cls: type, options: dict | None, backend: str):
@@ -101,11 +133,12 @@ def compile_regions(
     """Regional compilation of ``model`` in place (see the module docstring): every submodule
     of a :data:`REGION_CLASSES` class runs its class's shared compiled ``forward`` in training
     steps. Compilation happens on the first training step, once per unit class and input
-    shape. ``device`` picks the inductor options (default: the parameters' device);
-    ``backend`` is ``torch.compile``'s. Returns the number of modules made regions."""
+    shape. ``device`` picks the inductor options (:func:`region_options`; default: the
+    parameters' device); ``backend`` is ``torch.compile``'s. Returns the number of modules
+    made regions."""
     if device is None:
         device = next(model.parameters()).device
-    options = compile_options(device) if backend == "inductor" else None
+    options = region_options(device) if backend == "inductor" else None
     n = 0
     for module in model.modules():
         if type(module) in REGION_CLASSES:
