@@ -80,7 +80,10 @@ def iw_by_samples(
 
 def refit_q(ens: toy.ToyEnsemble, iters: int, lr: float, batch: int = 64) -> None:
     """``iters`` more ELBO steps of every member's q with p frozen: the training loop of
-    :meth:`ToyEnsemble.train` with the optimiser (clipping and Adam) restricted to q's block."""
+    :meth:`ToyEnsemble.train` with the optimiser (clipping and Adam) restricted to q's block.
+    p's weights and Adam moments are not stepped; the members' shared Adam step count does
+    advance and p's gradient buffer is left filled, so the ensemble is for measuring only
+    (do not train it further)."""
     blocks = ens.blocks
     ens.blocks = [ens.q]
     try:
@@ -135,7 +138,7 @@ def main(argv=None) -> list[dict]:
                     help="comma-separated S values (default: 10,100,1000,10000; the ELBO is "
                     "S = 1)")  # fmt: skip
     ap.add_argument("--points", type=int, default=1000, help="test points (the fixed test set)")
-    ap.add_argument("--refit-q", type=int, default=0, help="then train q alone N iterations")
+    ap.add_argument("--refit-q", type=int, default=None, help="then train q alone N iterations")
     ap.add_argument("--refit-lr", type=float, default=1e-4)
     ap.add_argument("--json", type=Path, default=None, help="write the rows here")
     ap.add_argument("--quick", action="store_true", help="train a tiny ensemble and use it")
@@ -154,13 +157,27 @@ def main(argv=None) -> list[dict]:
         if not (args.states or args.quick):
             return []
     torch.set_num_threads(1)
-    samples = sorted(int(s) for s in args.samples.split(","))
-    ensembles = [(str(p), load_ensemble(p)) for p in args.states]
+    try:
+        samples = sorted({int(s) for s in args.samples.split(",")})
+    except ValueError:
+        ap.error(f"--samples: expected comma-separated positive integers, got {args.samples!r}")
+    if samples[0] < 1:
+        ap.error(f"--samples: every S must be >= 1, got {args.samples!r}")
+    n_test = len(toy.fixed_test_set())
+    if not 1 <= args.points <= n_test:
+        ap.error(f"--points: expected 1 to {n_test} (the fixed test set), got {args.points}")
+    if args.refit_q is not None and args.refit_q < 0:
+        ap.error(f"--refit-q: expected >= 0 iterations, got {args.refit_q}")
+    if args.quick and args.states:
+        ap.error("--quick trains its own tiny ensemble: give state files or --quick, not both")
     if args.quick:
         ens = toy.ToyEnsemble(4, [(2, 0), (2, 1)])
         ens.train(50, lr=3e-3)
-        ensembles.append(("quick D4 L2", ens))
-        samples, args.points, args.refit_q = [1, 4, 16], 40, args.refit_q or 20
+        ensembles = [("quick D4 L2", ens)]
+        samples, args.points = [1, 4, 16], 40
+        args.refit_q = 20 if args.refit_q is None else args.refit_q
+    else:
+        ensembles = [(str(p), load_ensemble(p)) for p in args.states]
     if not ensembles:
         ap.error("give state files or --quick")
     x = toy.fixed_test_set()[: args.points]

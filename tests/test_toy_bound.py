@@ -70,6 +70,8 @@ def test_curves_plot_and_its_errors(tmp_path):
                            "-3.51"]) == []  # fmt: skip
     assert png.stat().st_size > 0
     for bad in (["--curves", f"short={folder}"], ["--curves", str(folder), "--plot", str(png)],
-                ["--curves", f"x={tmp_path}", "--plot", str(png)]):  # fmt: skip
+                ["--curves", f"x={tmp_path}", "--plot", str(png)], ["--quick", "--samples", "0"],
+                ["--quick", "--samples", "a,b"], ["--quick", "--points", "5000"],
+                ["--quick", "--refit-q", "-3"], ["--quick", str(png)]):  # fmt: skip
         with pytest.raises(SystemExit):
             toy_bound.main(bad)

@@ -724,6 +724,18 @@ def test_identity_and_actnorm_mixings_start_as_claimed():
             for m in model.q.modules():
                 if isinstance(m, toy.ActNorm):
                     assert not m.bias.any() and not m.log_scale.any()
+        # both trainers start from the data-initialised model
+        want = [(m.bias, m.log_scale) for m in norms]
+        single, _, _ = toy.train_single(dim, 4, 7, 0, mixing="actnorm", dtype=torch.float64)
+        member = toy.ToyEnsemble(dim, [(4, 7)], mixing="actnorm", dtype=torch.float64)
+        for got in (single, member.member_model(0)):
+            glow_got = got if dim == 2 else got.p
+            pairs = [
+                (m.bias, m.log_scale) for m in glow_got.modules() if isinstance(m, toy.ActNorm)
+            ]
+            for (b, s), (bw, sw) in zip(pairs, want, strict=True):
+                torch.testing.assert_close(b, bw, atol=1e-12, rtol=0)
+                torch.testing.assert_close(s, sw, atol=1e-12, rtol=0)
 
 
 def test_a_fixed_training_set_is_drawn_once_and_batches_come_from_it():
