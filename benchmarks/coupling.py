@@ -33,12 +33,15 @@ the op, median of PAIRED_ROUNDS each); ``op/kern`` is their ratio, the op layer'
 (``_bandwidth.coupling_bytes``) per second, over the device's peak bandwidth: its spec
 (table by ``torch.cuda.get_device_name()``), or on the CPU and unknown devices the measured
 bandwidth of a large copy; the header line says which. On CUDA the default shapes add
-``cifar_b256``, where launch overhead is small next to the kernels.
+``cifar_b256``, where launch overhead is small next to the kernels, and the forward and
+fwdbwd modes add ``triton-tuned``: the Triton op with the tile tuning of
+``kernels/_tuning.py`` on (its first call, untimed, tunes).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -79,6 +82,7 @@ SIZES = {
     "full": list(SHAPES) + list(LARGE_SHAPES),
 }
 MODES = ("forward", "fwdbwd", "inverse", "checkerboard")
+TUNED_MODES = ("forward", "fwdbwd")  # modes with a triton-tuned row on CUDA
 
 
 def shapes_for(size, device) -> list[str]:
@@ -157,6 +161,23 @@ def fused_inverse(backend, method="newton"):
     import vflow._C as C
 
     return lambda y, p: C.coupling_inv(y, p, SMOOTH, 0, 0, 100, method == "newton")
+
+
+def _call_tuned(fn, *args):
+    """``fn(*args)`` with the Triton tile tuning on (``vflow.kernels.set_autotune``): the first
+    call per shape tunes (kernels/_tuning.py), later calls reuse the tile it chose."""
+    kernels = importlib.import_module("vflow.kernels")
+    was = kernels.autotune_enabled()
+    kernels.set_autotune(True)
+    try:
+        return fn(*args)
+    finally:
+        kernels.set_autotune(was)
+
+
+def tuned(fn):
+    """The provider ``fn`` run with tile tuning on (``triton-tuned`` rows)."""
+    return functools.partial(_call_tuned, fn)
 
 
 def eager_forward(x, p):
@@ -435,6 +456,8 @@ def providers_for(mode, device, use_compile):
                 prov[f"{backend}-bisect"] = fused(backend, method="bisection")
     if mode == "fwdbwd":
         prov = {name: _grads_of(fn) for name, fn in prov.items()}
+    if "triton" in prov and device.type == "cuda" and mode in TUNED_MODES:
+        prov["triton-tuned"] = tuned(prov["triton"])  # fwdbwd: the backward tunes too
     return prov
 
 
@@ -469,6 +492,8 @@ def kernel_providers_for(mode, device):
                 out[backend + suffix] = lambda y, p, K=K, i=iters, n=newton: K.coupling_inv(
                     y, p, SMOOTH, pattern, 0, i, n
                 )
+    if "triton" in out and device.type == "cuda" and mode in TUNED_MODES:
+        out["triton-tuned"] = tuned(out["triton"])
     return out
 
 

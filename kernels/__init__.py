@@ -41,8 +41,11 @@ Without a GPU, ``python -m vflow.kernels._aot [arch]`` (TRITON_INTERPRET unset) 
 kernel variant to a cubin for sm_<arch> with Triton's bundled ptxas, which catches compile
 errors the interpreter cannot (the sm_90 fp32 kernels use ~56 registers, no spills).
 
-Every launcher also takes a keyword-only ``block`` (a power of two, default 256) to change
-the tile size, used by the tests to force several programs and masked tails on small shapes.
+Every launcher also takes keyword-only ``block`` (a power of two, default 256) and
+``num_warps`` (default 4) to change the tile, used by the tests to force several programs and
+masked tails on small shapes. Tile tuning (``_tuning.py``, off by default):
+``set_autotune(True)`` or ``VFLOW_TRITON_AUTOTUNE=1`` makes the first launch of each coupling
+kernel per shape bucket on a GPU time the candidate tiles and keep the fastest.
 """
 
 from ._coupling import coupling_bwd, coupling_fwd, coupling_inv
@@ -57,9 +60,14 @@ from ._net import (
     layer_norm_bwd,
     layer_norm_fwd,
 )
+from ._tuning import autotune_enabled, clear_tuned_tiles, set_autotune, tuned_tiles
 
 __all__ = [
     "LAYER_NORM_MAX_CHANNELS",
+    "autotune_enabled",
+    "clear_tuned_tiles",
+    "set_autotune",
+    "tuned_tiles",
     "coupling_fwd",
     "coupling_bwd",
     "coupling_inv",

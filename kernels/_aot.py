@@ -1,10 +1,12 @@
 """Ahead-of-time compilation of the kernels for a CUDA target, without a GPU.
 
-``python -m vflow.kernels._aot [arch] [--quick]`` compiles every kernel variant (fp32 and
-fp64, every pattern, forward / both backward modes / Newton and bisection inverse, the tile
-shapes the launchers use) down to a cubin for ``sm_<arch>`` (default 90) with Triton's
-bundled ptxas, and prints one line per kernel. It catches compile errors that the interpreter
-does not (type of loop-carried values, layouts, 1-wide tiles) on a machine without a GPU.
+``python -m vflow.kernels._aot [arch] [--quick | --candidates]`` compiles every kernel variant
+(fp32 and fp64, every pattern, forward / both backward modes / Newton and bisection inverse,
+the tile shapes the launchers use; with ``--candidates`` the coupling kernels at every tile
+the tile tuning of ``_tuning.py`` may choose) down to a cubin for ``sm_<arch>`` (default 90)
+with Triton's bundled ptxas, and prints one line per kernel. It catches compile errors that
+the interpreter does not (type of loop-carried values, layouts, 1-wide tiles) on a machine
+without a GPU.
 TRITON_INTERPRET must be unset: the interpreter replaces the kernels by Python functions.
 """
 
@@ -12,6 +14,98 @@ from __future__ import annotations
 
 import argparse
 import time
+
+from . import _tuning as tuning
+
+_SCALARS = dict(
+    B="i32",
+    N="i32",
+    K="i32",
+    H="i32",
+    W="i32",
+    parity="i32",
+    stride_xb="i64",
+    stride_pb="i64",
+    NUM_NB="i32",
+    max_iters="i32",
+    total="i64",
+    CN="i64",
+    C="i32",
+)
+_FWD_PTRS = {"x_ptr", "p_ptr", "y_ptr", "part_ptr"}
+_BWD_PTRS = {"x_ptr", "p_ptr", "go_ptr", "gl_ptr", "gi_ptr", "gp_ptr"}
+_INV_PTRS = {"y_ptr", "p_ptr", "x_ptr", "part_ptr"}
+
+
+class _Builder:
+    """Compiles kernel variants for one GPU target and collects a line per kernel."""
+
+    def __init__(self, arch: int, verbose: bool):
+        import triton
+        from triton.backends.compiler import GPUTarget
+
+        from . import _coupling as c
+
+        if not isinstance(c._fwd_kernel, triton.runtime.jit.JITFunction) or hasattr(
+            c._fwd_kernel, "interpreter_builder"
+        ):
+            raise RuntimeError("unset TRITON_INTERPRET to compile the kernels ahead of time")
+        self.target = GPUTarget("cuda", arch, 32)
+        self.verbose = verbose
+        self.done: list[str] = []
+
+    def __call__(self, fn, ptr_names, ptr_type, constexprs, name, num_warps=tuning.NUM_WARPS):
+        import triton
+        from triton.compiler import ASTSource
+
+        signature = {}
+        for arg in fn.arg_names:
+            if arg in constexprs:
+                signature[arg] = "constexpr"
+            elif arg in ptr_names:
+                signature[arg] = ptr_type
+            else:
+                signature[arg] = _SCALARS[arg]
+        src = ASTSource(
+            fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+        )
+        start = time.perf_counter()
+        kernel = triton.compile(src, target=self.target, options={"num_warps": num_warps})
+        assert kernel.asm.get("cubin"), name
+        line = f"{name}: ok ({time.perf_counter() - start:.1f}s, shared {kernel.metadata.shared})"
+        self.done.append(line)
+        if self.verbose:
+            print(line, flush=True)
+
+
+def _build_coupling_kernels(build: _Builder, dt: str, pattern: int, tile: tuple, num_warps: int):
+    """The coupling's five kernels (forward, backward of the forward and of the inverse, Newton
+    and bisection inverse) for one dtype, pattern and (BLOCK_B, BLOCK_N) tile."""
+    from . import _coupling as c
+
+    ptr = f"*{dt}"
+    tiny = 1.1920928955078125e-07 if dt == "fp32" else 2.220446049250313e-16
+    cfg = dict(SMOOTH=True, PATTERN=pattern, BLOCK_B=tile[0], BLOCK_N=tile[1])
+    tag = f"{dt} pattern={pattern} tile={tile[0]}x{tile[1]} warps={num_warps}"
+    build(c._fwd_kernel, _FWD_PTRS, ptr, cfg, f"fwd {tag}", num_warps)
+    for inverse in (False, True):
+        build(
+            c._bwd_kernel,
+            _BWD_PTRS,
+            ptr,
+            dict(cfg, INVERSE=inverse),
+            f"bwd inverse={inverse} {tag}",
+            num_warps,
+        )
+    for newton in (False, True):
+        build(
+            c._inv_kernel,
+            _INV_PTRS,
+            ptr,
+            dict(cfg, NEWTON=newton, TINY=tiny),
+            f"inv newton={newton} {tag}",
+            num_warps,
+        )
 
 
 def compile_all(
@@ -21,82 +115,26 @@ def compile_all(
     tiles=((1, 256), (256, 1), (16, 16)),
     verbose: bool = True,
 ) -> list[str]:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from . import _coupling as c
-
-    if not isinstance(c._fwd_kernel, triton.runtime.jit.JITFunction) or hasattr(
-        c._fwd_kernel, "interpreter_builder"
-    ):
-        raise RuntimeError("unset TRITON_INTERPRET to compile the kernels ahead of time")
-    target = GPUTarget("cuda", arch, 32)
-    scalars = dict(
-        B="i32",
-        N="i32",
-        K="i32",
-        H="i32",
-        W="i32",
-        parity="i32",
-        stride_xb="i64",
-        stride_pb="i64",
-        NUM_NB="i32",
-        max_iters="i32",
-        total="i64",
-        CN="i64",
-        C="i32",
-    )
-    done = []
-
-    def build(fn, ptr_names, ptr_type, constexprs, name):
-        signature = {}
-        for arg in fn.arg_names:
-            if arg in constexprs:
-                signature[arg] = "constexpr"
-            elif arg in ptr_names:
-                signature[arg] = ptr_type
-            else:
-                signature[arg] = scalars[arg]
-        src = ASTSource(
-            fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}
-        )
-        start = time.perf_counter()
-        kernel = triton.compile(src, target=target, options={"num_warps": c.NUM_WARPS})
-        assert kernel.asm.get("cubin"), name
-        line = f"{name}: ok ({time.perf_counter() - start:.1f}s, shared {kernel.metadata.shared})"
-        done.append(line)
-        if verbose:
-            print(line, flush=True)
-
+    """Every coupling kernel for each dtype, pattern and tile (at the default warps), and the
+    networks' kernels; returns a line per kernel."""
+    build = _Builder(arch, verbose)
     for dt in dtypes:
-        ptr = f"*{dt}"
-        tiny = 1.1920928955078125e-07 if dt == "fp32" else 2.220446049250313e-16
         for pattern in patterns:
-            for block_b, block_n in tiles:
-                cfg = dict(SMOOTH=True, PATTERN=pattern, BLOCK_B=block_b, BLOCK_N=block_n)
-                tag = f"{dt} pattern={pattern} tile={block_b}x{block_n}"
-                build(
-                    c._fwd_kernel, {"x_ptr", "p_ptr", "y_ptr", "part_ptr"}, ptr, cfg, f"fwd {tag}"
-                )
-                for inverse in (False, True):
-                    build(
-                        c._bwd_kernel,
-                        {"x_ptr", "p_ptr", "go_ptr", "gl_ptr", "gi_ptr", "gp_ptr"},
-                        ptr,
-                        dict(cfg, INVERSE=inverse),
-                        f"bwd inverse={inverse} {tag}",
-                    )
-                for newton in (False, True):
-                    build(
-                        c._inv_kernel,
-                        {"y_ptr", "p_ptr", "x_ptr", "part_ptr"},
-                        ptr,
-                        dict(cfg, NEWTON=newton, TINY=tiny),
-                        f"inv newton={newton} {tag}",
-                    )
-        _build_net_kernels(build, ptr, dt)
-    return done
+            for tile in tiles:
+                _build_coupling_kernels(build, dt, pattern, tile, tuning.NUM_WARPS)
+        _build_net_kernels(build, f"*{dt}", dt)
+    return build.done
+
+
+def compile_candidates(
+    arch: int = 90, candidates=tuning.CANDIDATES, verbose: bool = True
+) -> list[str]:
+    """The coupling kernels (fp32, checkerboard) at every tile that tuning may choose
+    (``_tuning.CANDIDATES``: a 1 x block tile on num_warps warps); returns a line per kernel."""
+    build = _Builder(arch, verbose)
+    for block, num_warps in candidates:
+        _build_coupling_kernels(build, "fp32", 1, (1, block), num_warps)
+    return build.done
 
 
 def _build_net_kernels(build, ptr: str, dt: str) -> None:
@@ -128,8 +166,15 @@ def main(argv=None) -> None:
     )
     parser.add_argument("arch", nargs="?", type=int, default=90, help="CUDA arch (default 90)")
     parser.add_argument("--quick", action="store_true", help="only the riskiest variants")
+    parser.add_argument(
+        "--candidates",
+        action="store_true",
+        help="the coupling kernels at every tile the tile tuning may choose (fp32 checkerboard)",
+    )
     args = parser.parse_args(argv)
-    if args.quick:  # the variants most likely to break: 1-wide tiles, float64, checkerboard
+    if args.candidates:
+        compile_candidates(args.arch)
+    elif args.quick:  # the variants most likely to break: 1-wide tiles, float64, checkerboard
         compile_all(args.arch, dtypes=("fp32",), patterns=(1,), tiles=((1, 256), (256, 1)))
         compile_all(args.arch, dtypes=("fp64",), patterns=(2,), tiles=((16, 16),))
     else:

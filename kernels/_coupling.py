@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -11,6 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _precise as precise
+from . import _tuning as tuning
 
 # Fast or precise exp / log, chosen per term (issue 28). On NVIDIA GPUs float32 ``tl.exp`` /
 # ``tl.log`` are approximate instructions (``kernels/_precise.py`` gives their error). Under
@@ -25,10 +27,9 @@ from . import _precise as precise
 
 PLAIN, CHECKERBOARD, STRIPE = 0, 1, 2
 
-# Elements per program (a 2-D tile BLOCK_B x BLOCK_N, BLOCK_B * BLOCK_N == DEFAULT_BLOCK when
-# the per-sample size N is smaller than the block).
-DEFAULT_BLOCK = 256
-NUM_WARPS = 4
+# Elements per program: a 2-D tile BLOCK_B x BLOCK_N with BLOCK_B * BLOCK_N == block when the
+# per-sample size N is smaller than the block; DEFAULT_BLOCK and NUM_WARPS (_tuning.py) unless
+# the caller or the tile tuning (_tuning.tile_for) picks another.
 MAX_GRID_Y = 65535
 
 LOG_SCALE_MIN = tl.constexpr(-7.0)
@@ -497,8 +498,8 @@ def _check(x: Tensor, params: Tensor, pattern: int, parity: int, *others: Tensor
     return bsz, n, k, h, w, stride_xb, num_p * n
 
 
-def _tiles(bsz: int, n: int, block: int | None):
-    block = DEFAULT_BLOCK if block is None else int(block)
+def _tiles(bsz: int, n: int, block: int):
+    """(BLOCK_B, BLOCK_N, grid) of a launch with ``block`` active elements per program."""
     if block < 1 or block & (block - 1):
         raise ValueError(f"block must be a power of two, got {block}")
     block_n = min(block, triton.next_power_of_2(n))
@@ -523,8 +524,45 @@ def _reduce(partials: Tensor, bsz: int) -> Tensor:
     return partials.view(bsz, -1).sum(dim=1)
 
 
+def _launch_fwd(x, params, y, geom, smooth, pattern, block, num_warps) -> Tensor:
+    """One launch of the forward kernel with a (block, num_warps) tile; returns the logdet
+    partial sums (B x programs along N)."""
+    bsz, n, k, h, w, parity, sxb, spb = geom
+    block_b, block_n, grid = _tiles(bsz, n, block)
+    partials = x.new_empty(bsz * grid[1])
+    _fwd_kernel[grid](x, params, y, partials, bsz, n, k, h, w, parity, sxb, spb, grid[1],
+                      SMOOTH=smooth, PATTERN=pattern, BLOCK_B=block_b, BLOCK_N=block_n,
+                      num_warps=num_warps)
+    return partials
+
+
+def _launch_bwd(x, params, grad_out, grad_logdet, grad_in, grad_params, geom, smooth, pattern,
+                inverse, block, num_warps) -> None:
+    """One launch of the backward kernel with a (block, num_warps) tile."""
+    bsz, n, k, h, w, parity, sxb, spb = geom
+    block_b, block_n, grid = _tiles(bsz, n, block)
+    _bwd_kernel[grid](x, params, grad_out, grad_logdet, grad_in, grad_params, bsz, n, k, h, w,
+                      parity, sxb, spb, SMOOTH=smooth, PATTERN=pattern, INVERSE=inverse,
+                      BLOCK_B=block_b, BLOCK_N=block_n, num_warps=num_warps)
+
+
+def _launch_inv(y, params, x, geom, smooth, pattern, max_iters, newton, block,
+                num_warps) -> Tensor:
+    """One launch of the inverse kernel with a (block, num_warps) tile; returns the logdet
+    partial sums."""
+    bsz, n, k, h, w, parity, sxb, spb = geom
+    block_b, block_n, grid = _tiles(bsz, n, block)
+    partials = y.new_empty(bsz * grid[1])
+    _inv_kernel[grid](y, params, x, partials, bsz, n, k, h, w, parity, sxb, spb, grid[1],
+                      max_iters, SMOOTH=smooth, PATTERN=pattern, NEWTON=newton,
+                      TINY=torch.finfo(y.dtype).eps, BLOCK_B=block_b, BLOCK_N=block_n,
+                      num_warps=num_warps)
+    return partials
+
+
 def coupling_fwd(x: Tensor, params: Tensor, smooth: bool, pattern: int, parity: int, *,
-                 block: int | None = None) -> tuple[Tensor, Tensor]:
+                 block: int | None = None,
+                 num_warps: int | None = None) -> tuple[Tensor, Tensor]:
     """Forward coupling: y (like x) and logdet (B,) in x's dtype (float32 or float64)."""
     x, params = x.contiguous(), params.contiguous()
     bsz, n, k, h, w, sxb, spb = _check(x, params, pattern, parity)
@@ -532,18 +570,17 @@ def coupling_fwd(x: Tensor, params: Tensor, smooth: bool, pattern: int, parity: 
     if bsz == 0 or n == 0:
         y.copy_(x)
         return y, x.new_zeros(bsz)
-    block_b, block_n, grid = _tiles(bsz, n, block)
-    partials = x.new_empty(bsz * grid[1])
+    geom = (bsz, n, k, h, w, int(parity), sxb, spb)
+    launch = functools.partial(_launch_fwd, x, params, y, geom, bool(smooth), int(pattern))
+    key_args = ("fwd", x, k, n, smooth, pattern)
     with _device_guard(x):
-        _fwd_kernel[grid](x, params, y, partials, bsz, n, k, h, w, int(parity), sxb, spb,
-                          grid[1], SMOOTH=bool(smooth), PATTERN=int(pattern),
-                          BLOCK_B=block_b, BLOCK_N=block_n, num_warps=NUM_WARPS)
+        partials = launch(*tuning.tile_for(key_args, launch, x.device, block, num_warps))
     return y, _reduce(partials, bsz)
 
 
 def coupling_bwd(x: Tensor, params: Tensor, grad_out: Tensor, grad_logdet: Tensor, smooth: bool,
-                 pattern: int, parity: int, inverse: bool, *,
-                 block: int | None = None) -> tuple[Tensor, Tensor]:
+                 pattern: int, parity: int, inverse: bool, *, block: int | None = None,
+                 num_warps: int | None = None) -> tuple[Tensor, Tensor]:
     """VJP of the forward (inverse=False) or of the inverse at its output x (inverse=True)."""
     x, params = x.contiguous(), params.contiguous()
     # Incoming gradients are cast to the compute dtype (autograd may hand a float32 logdet
@@ -558,18 +595,18 @@ def coupling_bwd(x: Tensor, params: Tensor, grad_out: Tensor, grad_logdet: Tenso
     if bsz == 0 or n == 0:
         grad_in.copy_(grad_out)
         return grad_in, grad_params
-    block_b, block_n, grid = _tiles(bsz, n, block)
+    geom = (bsz, n, k, h, w, int(parity), sxb, spb)
+    launch = functools.partial(_launch_bwd, x, params, grad_out, grad_logdet, grad_in,
+                               grad_params, geom, bool(smooth), int(pattern), bool(inverse))
+    key_args = ("bwd-inverse" if inverse else "bwd", x, k, n, smooth, pattern)
     with _device_guard(x):
-        _bwd_kernel[grid](x, params, grad_out, grad_logdet, grad_in, grad_params, bsz, n, k, h,
-                          w, int(parity), sxb, spb, SMOOTH=bool(smooth), PATTERN=int(pattern),
-                          INVERSE=bool(inverse), BLOCK_B=block_b, BLOCK_N=block_n,
-                          num_warps=NUM_WARPS)
+        launch(*tuning.tile_for(key_args, launch, x.device, block, num_warps))
     return grad_in, grad_params
 
 
 def coupling_inv(y: Tensor, params: Tensor, smooth: bool, pattern: int, parity: int,
-                 max_iters: int, newton: bool, *,
-                 block: int | None = None) -> tuple[Tensor, Tensor]:
+                 max_iters: int, newton: bool, *, block: int | None = None,
+                 num_warps: int | None = None) -> tuple[Tensor, Tensor]:
     """Inverse coupling: x (like y) and logdet = -(forward logdet at x), (B,) in y's dtype."""
     y, params = y.contiguous(), params.contiguous()
     bsz, n, k, h, w, sxb, spb = _check(y, params, pattern, parity)
@@ -579,11 +616,10 @@ def coupling_inv(y: Tensor, params: Tensor, smooth: bool, pattern: int, parity: 
     if bsz == 0 or n == 0:
         x.copy_(y)
         return x, y.new_zeros(bsz)
-    block_b, block_n, grid = _tiles(bsz, n, block)
-    partials = y.new_empty(bsz * grid[1])
+    geom = (bsz, n, k, h, w, int(parity), sxb, spb)
+    launch = functools.partial(_launch_inv, y, params, x, geom, bool(smooth), int(pattern),
+                               int(max_iters), bool(newton))
+    key_args = ("inv-newton" if newton else "inv-bisect", y, k, n, smooth, pattern)
     with _device_guard(y):
-        _inv_kernel[grid](y, params, x, partials, bsz, n, k, h, w, int(parity), sxb, spb,
-                          grid[1], int(max_iters), SMOOTH=bool(smooth), PATTERN=int(pattern),
-                          NEWTON=bool(newton), TINY=torch.finfo(y.dtype).eps,
-                          BLOCK_B=block_b, BLOCK_N=block_n, num_warps=NUM_WARPS)
+        partials = launch(*tuning.tile_for(key_args, launch, y.device, block, num_warps))
     return x, _reduce(partials, bsz)

@@ -152,3 +152,22 @@ def test_benchmark_suite_at_tiny_sizes(tmp_path):
     steps = got["model_step-vflow-digits-b4"]
     assert set(steps) == {"reference", "cpp"}
     assert steps["cpp"]["extra_info"]["max_grad_diff_vs_reference"] <= 1e-3
+
+
+def test_tuned_provider_turns_tuning_on_for_its_call_only():
+    """coupling.py's ``triton-tuned`` rows: the provider runs with the tile tuning on (forward
+    and backward inside the call) and leaves it as it found it, also when the call raises."""
+    kernels = pytest.importorskip("vflow.kernels")
+    seen = []
+
+    def provider(x):
+        seen.append(kernels.autotune_enabled())
+        if x is None:
+            raise RuntimeError("boom")
+        return x
+
+    kernels.set_autotune(False)
+    assert C.tuned(provider)(3) == 3
+    with pytest.raises(RuntimeError, match="boom"):
+        C.tuned(provider)(None)
+    assert seen == [True, True] and not kernels.autotune_enabled()

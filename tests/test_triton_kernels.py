@@ -410,6 +410,27 @@ def test_kernels_compile_for_sm90_without_gpu():
     assert proc.stdout.count(": ok") == 35, proc.stdout
 
 
+def test_tuning_candidates_compile_for_sm90_without_gpu():
+    """Every tile the tile tuning may choose (kernels/_tuning.py CANDIDATES: block and warps)
+    compiles to a cubin for sm_90: the five coupling kernels at each."""
+    pytest.importorskip("triton.backends.nvidia")
+    from vflow.kernels._tuning import CANDIDATES
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "vflow.kernels._aot", "90", "--candidates"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count(": ok") == 5 * len(CANDIDATES), proc.stdout
+    for block, warps in CANDIDATES:
+        assert f"tile=1x{block} warps={warps}: ok" in proc.stdout
+
+
 # --- GPU only: a realistic shape (many programs, K = 32) -----------------------------------
 
 
