@@ -4,7 +4,9 @@
 (fp32 and fp64, every pattern, forward / both backward modes / Newton and bisection inverse,
 the tile shapes the launchers use; with ``--candidates`` the coupling kernels at every tile
 the tile tuning of ``_tuning.py`` may choose) down to a cubin for ``sm_<arch>`` (default 90)
-with Triton's bundled ptxas, and prints one line per kernel. It catches compile errors that
+with Triton's bundled ptxas, and prints one line per kernel with its registers per thread
+and spilled bytes (``ptxas -v``); it exits 1 if a kernel spills more than
+``SPILL_TOLERANCE_BYTES``. It catches compile errors that
 the interpreter does not (type of loop-carried values, layouts, 1-wide tiles) on a machine
 without a GPU.
 TRITON_INTERPRET must be unset: the interpreter replaces the kernels by Python functions.
@@ -35,6 +37,43 @@ _SCALARS = dict(
 _FWD_PTRS = {"x_ptr", "p_ptr", "y_ptr", "part_ptr"}
 _BWD_PTRS = {"x_ptr", "p_ptr", "go_ptr", "gl_ptr", "gi_ptr", "gp_ptr"}
 _INV_PTRS = {"y_ptr", "p_ptr", "x_ptr", "part_ptr"}
+
+
+#: Spilled bytes per kernel that ``main`` accepts: ptxas spills 4-16 bytes in some inverse and
+#: backward variants of the coupling (256 x 1 tiles, float64), outside their hot loops at
+#: 48-128 registers; anything more (the layer norm's 48-440 bytes at 255 registers before
+#: ``_net.ln_warps``) fails.
+SPILL_TOLERANCE_BYTES = 16
+
+
+def spill_bytes(line: str) -> int:
+    """The spilled bytes of one of :class:`_Builder`'s lines."""
+    import re
+
+    return int(re.search(r"(\d+) bytes spilled", line).group(1))
+
+
+def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers per thread, bytes of spill stores) of a kernel's PTX, from ``ptxas -v`` of
+    Triton's bundled ptxas for ``sm_<arch>`` (the options Triton compiles with)."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        cmd = [get_ptxas(arch).path, "-v", "--regAllocOptLevel=2"]
+        cmd += [f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", f"{src}.o"]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    if regs is None or spills is None:
+        raise RuntimeError(f"unexpected ptxas -v output: {log[-500:]}")
+    return int(regs.group(1)), int(spills.group(1))
 
 
 class _Builder:
@@ -72,7 +111,11 @@ class _Builder:
         start = time.perf_counter()
         kernel = triton.compile(src, target=self.target, options={"num_warps": num_warps})
         assert kernel.asm.get("cubin"), name
-        line = f"{name}: ok ({time.perf_counter() - start:.1f}s, shared {kernel.metadata.shared})"
+        regs, spills = ptxas_usage(kernel.asm["ptx"], self.target.arch)
+        line = (
+            f"{name}: ok ({time.perf_counter() - start:.1f}s, {regs} registers, "
+            f"{spills} bytes spilled, shared {kernel.metadata.shared})"
+        )
         self.done.append(line)
         if self.verbose:
             print(line, flush=True)
@@ -152,11 +195,12 @@ def _build_net_kernels(build, ptr: str, dt: str) -> None:
     for channels in (1, 96, n.MAX_CHANNELS):
         block_c, block_n, _ = n._ln_grid(1, channels, 1 << 20, None)
         tile = dict(BLOCK_C=block_c, BLOCK_N=block_n)
-        tag = f"{dt} tile={block_c}x{block_n}"
+        warps = n.ln_warps(block_c, block_n)
+        tag = f"{dt} tile={block_c}x{block_n} warps={warps}"
         fwd_ptrs = {"x_ptr", "w_ptr", "b_ptr", "y_ptr", "mean_ptr", "rstd_ptr", "eps_ptr"}
-        build(n._layer_norm_fwd_kernel, fwd_ptrs, ptr, tile, f"layer_norm fwd {tag}")
+        build(n._layer_norm_fwd_kernel, fwd_ptrs, ptr, tile, f"layer_norm fwd {tag}", warps)
         bwd_ptrs = {"x_ptr", "w_ptr", "mean_ptr", "rstd_ptr", "gy_ptr", "gx_ptr", "part_ptr"}
-        build(n._layer_norm_bwd_kernel, bwd_ptrs, ptr, tile, f"layer_norm bwd {tag}")
+        build(n._layer_norm_bwd_kernel, bwd_ptrs, ptr, tile, f"layer_norm bwd {tag}", warps)
 
 
 def main(argv=None) -> None:
@@ -173,12 +217,20 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     if args.candidates:
-        compile_candidates(args.arch)
+        lines = compile_candidates(args.arch)
     elif args.quick:  # the variants most likely to break: 1-wide tiles, float64, checkerboard
-        compile_all(args.arch, dtypes=("fp32",), patterns=(1,), tiles=((1, 256), (256, 1)))
-        compile_all(args.arch, dtypes=("fp64",), patterns=(2,), tiles=((16, 16),))
+        lines = compile_all(args.arch, dtypes=("fp32",), patterns=(1,), tiles=((1, 256), (256, 1)))
+        lines += compile_all(args.arch, dtypes=("fp64",), patterns=(2,), tiles=((16, 16),))
     else:
-        compile_all(args.arch)
+        lines = compile_all(args.arch)
+    spilled = [spill_bytes(line) for line in lines]
+    print(
+        f"{len(lines)} kernels compiled for sm_{args.arch}: {sum(b > 0 for b in spilled)} spill "
+        f"registers, at most {max(spilled)} bytes"
+    )
+    over = [line for line, b in zip(lines, spilled, strict=True) if b > SPILL_TOLERANCE_BYTES]
+    if over:
+        raise SystemExit("kernels that spill more than the tolerance:\n" + "\n".join(over))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,12 @@ from ._coupling import _device_guard, _interpreted
 
 BLOCK = 1024  # elements per program of the elementwise kernels
 MAX_CHANNELS = 1024  # layer norm: channels a program holds at once
+LN_BLOCK = 4096  # layer norm: elements of a program's (C, BLOCK_N) tile
+# layer norm: tile elements per warp. 8 per thread: ptxas -v for sm_90 (``python -m
+# vflow.kernels._aot``) gives the 4096-element tiles' backward 84-102 registers in float32
+# and 121-126 in float64 without spills; on the launchers' default 4 warps (32 per thread)
+# it took all 255 registers and spilled 48-52 bytes (float32) and 392-440 bytes (float64).
+LN_ELEMENTS_PER_WARP = 256
 
 
 @triton.jit
@@ -293,12 +299,20 @@ def _eps_tensor(eps: float, like: Tensor) -> Tensor:
 
 
 def _ln_grid(bsz: int, c: int, n: int, block: int | None):
+    """(BLOCK_C, BLOCK_N, grid) of the layer norm kernels: the whole channel axis times as many
+    positions as fit in ``block`` elements (LN_BLOCK by default)."""
     if c > MAX_CHANNELS:
         raise ValueError(f"the layer norm kernel holds at most {MAX_CHANNELS} channels, got {c}")
     block_c = triton.next_power_of_2(max(c, 1))
-    block = 4096 if block is None else int(block)
+    block = LN_BLOCK if block is None else int(block)
     block_n = max(1, min(block // block_c, triton.next_power_of_2(max(n, 1))))
     return block_c, block_n, (bsz, triton.cdiv(n, block_n))
+
+
+def ln_warps(block_c: int, block_n: int) -> int:
+    """Warps of a layer norm program with a (block_c, block_n) tile: LN_ELEMENTS_PER_WARP
+    elements per warp, from 4 to 16 warps."""
+    return max(4, min(16, block_c * block_n // LN_ELEMENTS_PER_WARP))
 
 
 def layer_norm_fwd(
@@ -323,6 +337,7 @@ def layer_norm_fwd(
                 _eps_tensor(eps, x),
                 BLOCK_C=block_c,
                 BLOCK_N=block_n,
+                num_warps=ln_warps(block_c, block_n),
             )
     return y, mean, rstd
 
@@ -344,6 +359,17 @@ def layer_norm_bwd(
     if x.numel():
         with _device_guard(x):
             _layer_norm_bwd_kernel[grid](
-                x, weight, mean, rstd, grad_y, gx, partial, c, n, BLOCK_C=block_c, BLOCK_N=block_n
+                x,
+                weight,
+                mean,
+                rstd,
+                grad_y,
+                gx,
+                partial,
+                c,
+                n,
+                BLOCK_C=block_c,
+                BLOCK_N=block_n,
+                num_warps=ln_warps(block_c, block_n),
             )
     return gx, partial[:, 0].sum(0), partial[:, 1].sum(0)
