@@ -8,7 +8,9 @@ pattern, smoothing, the device, and the per-sample size N and batch B rounded up
 two) on a CUDA device times every tile of :data:`CANDIDATES` with
 ``triton.testing.do_bench`` and keeps the fastest for every later launch with that key
 (:func:`tuned_tiles` lists them). Tuning costs a few seconds per key, once per process
-(Triton compiles each candidate; each is then timed for ~25 ms).
+(Triton compiles each candidate; each is then timed for ~25 ms), and while it times, do_bench
+holds Triton's 256 MB cache-flush buffer on the device: a run at the edge of the GPU's
+memory should tune in a first, smaller step or leave tuning off.
 
 It never tunes, and uses the default tile, when:
 
