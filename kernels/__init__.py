@@ -41,7 +41,8 @@ Without a GPU, ``python -m vflow.kernels._aot [arch]`` (TRITON_INTERPRET unset) 
 kernel variant to a cubin for sm_<arch> with Triton's bundled ptxas, which catches compile
 errors the interpreter cannot, and prints each kernel's registers and spilled bytes from
 ``ptxas -v`` (sm_90, float32: the coupling kernels 48-72 registers; the layer norm, on
-``_net.ln_warps`` warps, 62-102; at most 16 bytes spilled, in a few inverse variants).
+``_net.ln_warps`` warps, 62-102; at most 16 bytes spilled, in a few inverse and backward
+variants).
 
 Every launcher also takes keyword-only ``block`` (a power of two, default 256) and
 ``num_warps`` (default 4) to change the tile, used by the tests to force several programs and

@@ -39,10 +39,11 @@ _BWD_PTRS = {"x_ptr", "p_ptr", "go_ptr", "gl_ptr", "gi_ptr", "gp_ptr"}
 _INV_PTRS = {"y_ptr", "p_ptr", "x_ptr", "part_ptr"}
 
 
-#: Spilled bytes per kernel that ``main`` accepts: ptxas spills 4-16 bytes in some inverse and
-#: backward variants of the coupling (256 x 1 tiles, float64), outside their hot loops at
-#: 48-128 registers; anything more (the layer norm's 48-440 bytes at 255 registers before
-#: ``_net.ln_warps``) fails.
+#: Spilled bytes per kernel that ``main`` accepts: at 48-128 registers ptxas spills 4-16
+#: bytes in a few coupling variants (float32 and float64 inverses, the float32 backward, at
+#: 256 x 1, 16 x 16 and 1 x 256 tiles); anything more fails, such as the layer norm's 48-440
+#: bytes at 255 registers before ``_net.ln_warps``, or the 60-76 bytes of float64 tiles of 4
+#: elements per thread (``_tuning.FLOAT64_MAX_PER_THREAD``).
 SPILL_TOLERANCE_BYTES = 16
 
 
@@ -53,9 +54,10 @@ def spill_bytes(line: str) -> int:
     return int(re.search(r"(\d+) bytes spilled", line).group(1))
 
 
-def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+def ptxas_usage(ptx: str, arch: int, fp_fusion: bool = True) -> tuple[int, int]:
     """(registers per thread, bytes of spill stores) of a kernel's PTX, from ``ptxas -v`` of
-    Triton's bundled ptxas for ``sm_<arch>`` (the options Triton compiles with)."""
+    Triton's bundled ptxas for ``sm_<arch>`` (the options Triton compiles with; without
+    ``fp_fusion``, ``--fmad=false``)."""
     import re
     import subprocess
     import tempfile
@@ -67,6 +69,7 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
         src = Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
         cmd = [get_ptxas(arch).path, "-v", "--regAllocOptLevel=2"]
+        cmd += [] if fp_fusion else ["--fmad=false"]
         cmd += [f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", f"{src}.o"]
         log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
     regs = re.search(r"Used (\d+) registers", log)
@@ -111,7 +114,9 @@ class _Builder:
         start = time.perf_counter()
         kernel = triton.compile(src, target=self.target, options={"num_warps": num_warps})
         assert kernel.asm.get("cubin"), name
-        regs, spills = ptxas_usage(kernel.asm["ptx"], self.target.arch)
+        regs, spills = ptxas_usage(
+            kernel.asm["ptx"], self.target.arch, kernel.metadata.enable_fp_fusion
+        )
         line = (
             f"{name}: ok ({time.perf_counter() - start:.1f}s, {regs} registers, "
             f"{spills} bytes spilled, shared {kernel.metadata.shared})"
@@ -169,14 +174,19 @@ def compile_all(
     return build.done
 
 
-def compile_candidates(
-    arch: int = 90, candidates=tuning.CANDIDATES, verbose: bool = True
-) -> list[str]:
-    """The coupling kernels (fp32, checkerboard) at every tile that tuning may choose
-    (``_tuning.CANDIDATES``: a 1 x block tile on num_warps warps); returns a line per kernel."""
+def compile_candidates(arch: int = 90, verbose: bool = True) -> list[str]:
+    """The coupling kernels (checkerboard) at every tile that tuning may choose
+    (``_tuning.candidates``): float32 and float64 at a 1 x block tile (large N) and float32
+    at a (block / 16) x 16 tile (N of 16 or less), each on its candidate's warps; returns a
+    line per kernel."""
+    import torch
+
     build = _Builder(arch, verbose)
-    for block, num_warps in candidates:
+    for block, num_warps in tuning.candidates(torch.float32):
         _build_coupling_kernels(build, "fp32", 1, (1, block), num_warps)
+        _build_coupling_kernels(build, "fp32", 1, (block // 16, 16), num_warps)
+    for block, num_warps in tuning.candidates(torch.float64):
+        _build_coupling_kernels(build, "fp64", 1, (1, block), num_warps)
     return build.done
 
 

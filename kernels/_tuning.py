@@ -2,15 +2,20 @@
 
 The launchers' default tile, :data:`DEFAULT_BLOCK` active elements per program on
 :data:`NUM_WARPS` warps, was chosen without a GPU. With tuning on (:func:`set_autotune`, or
-``VFLOW_TRITON_AUTOTUNE=1`` in the environment when vflow is imported), the first launch of a
-coupling kernel for a tuning key (:func:`tuning_key`: the kernel and its mode, dtype, K,
-pattern, smoothing, the device, and the per-sample size N and batch B rounded up to powers of
-two) on a CUDA device times every tile of :data:`CANDIDATES` with
-``triton.testing.do_bench`` and keeps the fastest for every later launch with that key
-(:func:`tuned_tiles` lists them). Tuning costs a few seconds per key, once per process
-(Triton compiles each candidate; each is then timed for ~25 ms), and while it times, do_bench
-holds Triton's 256 MB cache-flush buffer on the device: a run at the edge of the GPU's
-memory should tune in a first, smaller step or leave tuning off.
+``VFLOW_TRITON_AUTOTUNE=1`` (or true, yes, on) in the environment when vflow is imported),
+the first launch of a coupling kernel for a tuning key on a CUDA device times every tile of
+:func:`candidates` with ``triton.testing.do_bench`` and keeps the fastest for every later
+launch with that key (:func:`tuned_tiles` lists them). The key (:func:`tuning_key`) is the
+kernel and its mode, dtype, K, pattern, smoothing, the device, and the per-sample size N and
+batch B rounded up to powers of two. The candidates are :data:`CANDIDATES`, in float64 only
+those of at most :data:`FLOAT64_MAX_PER_THREAD` elements per thread. A candidate that fails
+to compile or launch (out of registers or shared memory) is passed over; if all fail, the key
+keeps the default tile.
+
+Cost, estimated, not yet measured on a GPU: a few seconds per key, once per process (Triton
+compiles each candidate, then each is timed for ~25 ms). While it times, do_bench holds
+Triton's 256 MB cache-flush buffer on the device: a run at the edge of the GPU's memory
+should tune in a first, smaller step or leave tuning off.
 
 It never tunes, and uses the default tile, when:
 
@@ -22,14 +27,17 @@ It never tunes, and uses the default tile, when:
 Why it is off by default: it has not yet been measured on a GPU (``benchmarks/coupling.py``
 times the ``triton-tuned`` provider beside the default tile, and ``benchmarks/gpu_report.py``
 reports it), and the logdet is a sum of per-program partial sums, so two processes that tune
-to different tiles can differ in its last float32 bits. Every per-element output (y, x,
-gradients) is the same for every tile: a tile only decides which program computes an element.
+to different tiles can differ in its last float32 bits. The per-element outputs (y, x,
+gradients) do not depend on the tile, which only decides which program computes an element:
+bitwise under the interpreter (``tests/test_tile_tuning.py``); on a GPU each (block, warps)
+variant is compiled separately, and the same test under ``--device cuda`` allows 1e-6.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable
 
 import torch
@@ -38,12 +46,30 @@ import torch
 DEFAULT_BLOCK = 256
 NUM_WARPS = 4
 
-#: The tiles tuning chooses from, as (block, num_warps): 1 to 4 elements per thread (32
+#: The tiles tuning chooses from, as (block, num_warps): 2 or 4 elements per thread (32
 #: threads a warp), from many small programs (latency hiding on small N) to few large ones.
 CANDIDATES = ((128, 1), (128, 2), (256, 2), (256, 4), (512, 4), (512, 8), (1024, 8))
+#: Elements per thread above which a float64 tile spills: ptxas -v for sm_90 gives the float64
+#: backward of the inverse 255 registers and 60-76 spilled bytes at 4 per thread.
+FLOAT64_MAX_PER_THREAD = 2
+#: Values of VFLOW_TRITON_AUTOTUNE (case and surrounding blanks ignored) that turn tuning on.
+TRUE_VALUES = ("1", "true", "yes", "on")
 
-_enabled = os.environ.get("VFLOW_TRITON_AUTOTUNE", "0") == "1"
+_enabled = os.environ.get("VFLOW_TRITON_AUTOTUNE", "").strip().lower() in TRUE_VALUES
 _best: dict[tuple, tuple[int, int]] = {}
+_lock = threading.Lock()  # one tuning at a time: concurrent timings would disturb each other
+
+
+def candidates(dtype: torch.dtype) -> tuple[tuple[int, int], ...]:
+    """The candidate tiles for ``dtype``: :data:`CANDIDATES`, without float64 tiles of more
+    than :data:`FLOAT64_MAX_PER_THREAD` elements per thread."""
+    if dtype != torch.float64:
+        return CANDIDATES
+    return tuple(
+        (block, warps)
+        for block, warps in CANDIDATES
+        if block <= 32 * warps * FLOAT64_MAX_PER_THREAD
+    )
 
 
 def set_autotune(enabled: bool) -> None:
@@ -104,11 +130,23 @@ def _bench_ms(launch: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(launch, warmup=5, rep=20, return_mode="median"))
 
 
-def _fastest(launch: Callable[[int, int], object]) -> tuple[int, int]:
+def _time_or_inf(launch: Callable[[int, int], object], tile: tuple[int, int]) -> float:
+    """Milliseconds of ``launch(*tile)``, or infinity if it fails to compile or launch (out
+    of registers or shared memory, a ptxas error): a candidate that cannot run is passed over
+    (Triton's own autotuner does the same)."""
+    try:
+        return _bench_ms(functools.partial(launch, *tile))
+    except Exception:  # any failure of one candidate only disqualifies it
+        return float("inf")
+
+
+def _fastest(launch: Callable[[int, int], object], dtype: torch.dtype) -> tuple[int, int]:
     """The candidate (block, num_warps) with the smallest time of ``launch(block, warps)``;
-    the first candidate wins ties."""
-    times = {tile: _bench_ms(functools.partial(launch, *tile)) for tile in CANDIDATES}
-    return min(CANDIDATES, key=times.__getitem__)
+    the first candidate wins ties; the default tile when no candidate runs."""
+    tiles = candidates(dtype)
+    times = {tile: _time_or_inf(launch, tile) for tile in tiles}
+    best = min(tiles, key=times.__getitem__)
+    return best if times[best] < float("inf") else (DEFAULT_BLOCK, NUM_WARPS)
 
 
 def tile_for(
@@ -132,6 +170,7 @@ def tile_for(
             NUM_WARPS if num_warps is None else int(num_warps),
         )
     key = tuning_key(*key_args)
-    if key not in _best:
-        _best[key] = _fastest(launch)
-    return _best[key]
+    with _lock:
+        if key not in _best:
+            _best[key] = _fastest(launch, key_args[1].dtype)
+        return _best[key]

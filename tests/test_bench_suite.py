@@ -166,8 +166,12 @@ def test_tuned_provider_turns_tuning_on_for_its_call_only():
             raise RuntimeError("boom")
         return x
 
+    was = kernels.autotune_enabled()
     kernels.set_autotune(False)
-    assert C.tuned(provider)(3) == 3
-    with pytest.raises(RuntimeError, match="boom"):
-        C.tuned(provider)(None)
-    assert seen == [True, True] and not kernels.autotune_enabled()
+    try:
+        assert C.tuned(provider)(3) == 3
+        with pytest.raises(RuntimeError, match="boom"):
+            C.tuned(provider)(None)
+        assert seen == [True, True] and not kernels.autotune_enabled()
+    finally:
+        kernels.set_autotune(was)

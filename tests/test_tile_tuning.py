@@ -164,32 +164,128 @@ def test_bad_num_warps_is_named(num_warps):
         tuning.tile_for(_key_args(), functools.partial(_fake_launch, []), CUDA, num_warps=num_warps)
 
 
-def test_launchers_tune_per_kernel_and_shape_bucket(fake_gpu, monkeypatch):
-    """The launchers hand tile_for one key per kernel and mode, and the tile it returns is the
-    one they launch with (the interpreter runs on CPU tensors, so the device test is faked)."""
+class RecordingKernel:
+    """Stands in for a Triton kernel object: records the (BLOCK_B * BLOCK_N, num_warps) of each
+    launch, then launches the real kernel."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        return functools.partial(self._launch, grid)
+
+    def _launch(self, grid, *args, **kwargs):
+        self.log.append((kwargs["BLOCK_B"] * kwargs["BLOCK_N"], kwargs["num_warps"]))
+        return self.kernel[grid](*args, **kwargs)
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """The tiles the coupling launchers launch with, in order."""
+    from vflow.kernels import _coupling
+
+    log = []
+    interpreted = _coupling._interpreted()  # it looks at the kernel objects replaced below
+    monkeypatch.setattr(_coupling, "_interpreted", lambda: interpreted)
+    for name in ("_fwd_kernel", "_bwd_kernel", "_inv_kernel"):
+        monkeypatch.setattr(_coupling, name, RecordingKernel(getattr(_coupling, name), log))
+    return log
+
+
+@pytest.mark.parametrize("newton", [True, False])
+def test_launchers_launch_with_the_tuned_tile(fake_gpu, monkeypatch, launched, newton):
+    """The launchers hand tile_for one key per kernel and mode, time the candidates by
+    launching them, and then launch with the tile it returns (the interpreter runs on CPU
+    tensors, so the device test is faked)."""
     monkeypatch.setattr(tuning, "_may_tune", lambda device: True)
-    fake_gpu.times = {(512, 4): 0.1}
+    fake_gpu.times = {(512, 8): 0.1}
     x, params, _, _ = _inputs(torch.device("cpu"))
     go, gl = torch.randn_like(x), torch.randn(x.shape[0])
-    tuned = _all_outputs(x, params, go, gl)
-    kernels = sorted(key[0] for key in tuning.tuned_tiles())
-    assert kernels == ["bwd", "bwd-inverse", "fwd", "inv-newton"]
-    assert set(tuning.tuned_tiles().values()) == {(512, 4)}
+    y, ld = vk.coupling_fwd(x, params, True, CHECKERBOARD, 1)
+    gi, gp = vk.coupling_bwd(x, params, go, gl, True, CHECKERBOARD, 1, False)
+    gi_inv, gp_inv = vk.coupling_bwd(x, params, go, gl, True, CHECKERBOARD, 1, True)
+    xi, li = vk.coupling_inv(y, params, True, CHECKERBOARD, 1, 30, newton)
+    n = len(tuning.CANDIDATES)
+    per_kernel = list(tuning.CANDIDATES) + [(512, 8)]  # the timed candidates, then the launch
+    assert launched == 4 * per_kernel and len(launched) == 4 * (n + 1)
+    inverse = "inv-newton" if newton else "inv-bisect"
+    assert sorted(key[0] for key in tuning.tuned_tiles()) == sorted(
+        ["fwd", "bwd", "bwd-inverse", inverse]
+    )
     key = next(k for k in tuning.tuned_tiles() if k[0] == "fwd")
     assert key == ("fwd", "torch.float32", "cpu", 3, CHECKERBOARD, True, 512, 4)
-    fixed = _all_outputs(x, params, go, gl, block=512, num_warps=4)
-    for name in tuned:
-        assert torch.equal(tuned[name], fixed[name]), name
+    fixed = _all_outputs(x, params, go, gl, block=512, num_warps=8)
+    for name, got in dict(y=y, ld=ld, gi=gi, gp=gp, gi_inv=gi_inv, gp_inv=gp_inv).items():
+        assert torch.equal(got, fixed[name]), name
 
 
-def test_environment_variable_turns_tuning_on(monkeypatch):
-    """VFLOW_TRITON_AUTOTUNE=1 at import turns tuning on; unset, it is off."""
+def test_explicit_tile_is_launched(launched):
+    x, params, _, _ = _inputs(torch.device("cpu"))
+    vk.coupling_fwd(x, params, True, CHECKERBOARD, 1, block=128, num_warps=32)
+    vk.coupling_inv(x, params, True, CHECKERBOARD, 1, 5, False, num_warps=2)
+    assert launched == [(128, 32), (tuning.DEFAULT_BLOCK, 2)]
+
+
+def test_a_failing_candidate_is_passed_over(fake_gpu, monkeypatch):
+    """A candidate that cannot compile or launch is skipped; if none runs, the default tile
+    is kept for the key, and the key is not tuned again."""
+    broken = tuning.CANDIDATES[0]
+
+    def launch(block, num_warps):
+        if (block, num_warps) == broken or fail_all:
+            raise RuntimeError("out of resources (simulated)")
+
+    fail_all = False
+    fake_gpu.times = {broken: 0.01}  # would win if it ran
+    assert tuning.tile_for(_key_args(), launch, CUDA) == tuning.CANDIDATES[1]
+    fail_all = True
+    key_args = _key_args(batch=1000)
+    assert tuning.tile_for(key_args, launch, CUDA) == (tuning.DEFAULT_BLOCK, tuning.NUM_WARPS)
+    timed = len(fake_gpu.timed)
+    assert tuning.tile_for(key_args, launch, CUDA) == (tuning.DEFAULT_BLOCK, tuning.NUM_WARPS)
+    assert len(fake_gpu.timed) == timed  # cached, not tuned again
+
+
+def test_float64_candidates_hold_at_most_two_elements_per_thread():
+    assert tuning.candidates(torch.float32) == tuning.CANDIDATES
+    f64 = tuning.candidates(torch.float64)
+    assert f64 and set(f64) < set(tuning.CANDIDATES)
+    assert all(block <= 64 * warps for block, warps in f64)
+    assert (tuning.DEFAULT_BLOCK, tuning.NUM_WARPS) in f64
+
+
+@pytest.mark.parametrize("capturing", [True, False])
+def test_capture_check_asks_torch(monkeypatch, capturing):
+    """_capturing is torch.cuda.is_current_stream_capturing() where CUDA is available."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    assert tuning._capturing() is capturing
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert tuning._capturing() is False
+
+
+@pytest.mark.parametrize(
+    "value, on",
+    [
+        ("1", True),
+        (" TRUE ", True),
+        ("yes", True),
+        ("on", True),
+        ("0", False),
+        ("", False),
+        ("false", False),
+        ("2", False),
+    ],
+)
+def test_environment_variable_turns_tuning_on(monkeypatch, value, on):
+    """VFLOW_TRITON_AUTOTUNE at import: 1 / true / yes / on (any case, blanks ignored) turn
+    tuning on, anything else leaves it off."""
     import importlib
 
-    monkeypatch.setenv("VFLOW_TRITON_AUTOTUNE", "1")
-    assert importlib.reload(tuning).autotune_enabled()
+    monkeypatch.setenv("VFLOW_TRITON_AUTOTUNE", value)
+    assert importlib.reload(tuning).autotune_enabled() is on
     monkeypatch.delenv("VFLOW_TRITON_AUTOTUNE")
-    assert not importlib.reload(tuning).autotune_enabled()
+    assert importlib.reload(tuning).autotune_enabled() is False
 
 
 def test_real_tuning_on_gpu(device):

@@ -411,10 +411,11 @@ def test_kernels_compile_for_sm90_without_gpu():
 
 
 def test_tuning_candidates_compile_for_sm90_without_gpu():
-    """Every tile the tile tuning may choose (kernels/_tuning.py CANDIDATES: block and warps)
-    compiles to a cubin for sm_90: the five coupling kernels at each."""
+    """Every tile the tile tuning may choose (kernels/_tuning.py candidates: block and warps,
+    float32 and float64) compiles to a cubin for sm_90 without spilling more than _aot's
+    tolerance (exit code): the five coupling kernels at each."""
     pytest.importorskip("triton.backends.nvidia")
-    from vflow.kernels._tuning import CANDIDATES
+    from vflow.kernels._tuning import candidates
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -426,9 +427,13 @@ def test_tuning_candidates_compile_for_sm90_without_gpu():
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count(": ok") == 5 * len(CANDIDATES), proc.stdout
-    for block, warps in CANDIDATES:
-        assert f"tile=1x{block} warps={warps}: ok" in proc.stdout
+    f32, f64 = candidates(torch.float32), candidates(torch.float64)
+    assert proc.stdout.count(": ok") == 5 * (2 * len(f32) + len(f64)), proc.stdout
+    for block, warps in f32:
+        assert f"fp32 pattern=1 tile=1x{block} warps={warps}: ok" in proc.stdout
+        assert f"fp32 pattern=1 tile={block // 16}x16 warps={warps}: ok" in proc.stdout
+    for block, warps in f64:
+        assert f"fp64 pattern=1 tile=1x{block} warps={warps}: ok" in proc.stdout
 
 
 # --- GPU only: a realistic shape (many programs, K = 32) -----------------------------------
