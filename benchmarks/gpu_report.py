@@ -11,8 +11,9 @@ one is recorded in the report, with the partial results it had, and the next sec
   bandwidth: its spec (memory clock x bus width, or a table of known devices) and a measured
   device-to-device copy;
 * ``tests``        ``pytest --device cuda`` on the tests that run on the device
-  (``tests/test_triton_kernels.py``, without the sm_90 ahead-of-time compile test, which needs
-  no GPU): pass / fail / skip counts and the failures' summary lines;
+  (``tests/test_triton_kernels.py`` and ``tests/test_tile_tuning.py``, without the sm_90
+  ahead-of-time compile tests, which need no GPU, and the CUDA tests of
+  ``tests/test_step.py``): pass / fail / skip counts and the failures' summary lines;
 * ``train_step``   the trainer's whole iteration (``vflow.step.TrainStep``: forward, backward,
   clipping, fused Adam, EMA; no host reads) of ``vflow-cifar10`` at batch 64 on the fused
   (Triton) backend: eager and replayed as a CUDA graph (``GraphedStep``), with float32 and
@@ -107,13 +108,14 @@ GPU = dict(
     copy_mb=1024,
     pytest_args=[
         "tests/test_triton_kernels.py",
+        "tests/test_tile_tuning.py",
         "tests/test_step.py",
         "-k",
-        "not compile_for_sm90_without_gpu and (triton or cuda)",
+        "not compile_for_sm90_without_gpu and (triton or cuda or tile_tuning)",
     ],
     budgets=dict(
         environment=30,
-        tests=150,
+        tests=180,
         train_step=100,
         profile=45,
         coupling=150,
