@@ -41,6 +41,7 @@ import threading
 from collections.abc import Callable
 
 import torch
+import triton
 
 #: The launchers' tile without tuning: active elements per program and warps per program.
 DEFAULT_BLOCK = 256
@@ -94,10 +95,6 @@ def clear_tuned_tiles() -> None:
     _best.clear()
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def tuning_key(kernel: str, x: torch.Tensor, k: int, n: int, smooth: bool, pattern: int) -> tuple:
     """The launches that share one tuned tile: ``kernel`` (with its mode, e.g. "bwd-inverse"),
     x's dtype and device, the K mixture components, the pattern and smoothing, and N (active
@@ -109,8 +106,8 @@ def tuning_key(kernel: str, x: torch.Tensor, k: int, n: int, smooth: bool, patte
         int(k),
         int(pattern),
         bool(smooth),
-        _pow2_at_least(n),
-        _pow2_at_least(x.shape[0]),
+        triton.next_power_of_2(int(n)),
+        triton.next_power_of_2(x.shape[0]),
     )
 
 

@@ -392,48 +392,46 @@ def test_rejects_bad_shapes(device):
         vk.coupling_fwd(x[..., :3], torch.randn(2, 5, 3, 4, 1, device=device), True, STRIPE, 0)
 
 
-def test_kernels_compile_for_sm90_without_gpu():
-    """The interpreter does not compile the kernels; compile them to a cubin for sm_90 with
-    Triton's bundled ptxas (no GPU needed), in a subprocess without TRITON_INTERPRET."""
+def _compile_for_sm90(flag: str) -> str:
+    """stdout of ``python -m vflow.kernels._aot 90 <flag>`` in a subprocess without
+    TRITON_INTERPRET (which would replace the kernels by Python functions); fails the test if
+    it exits non-zero (a compile error, or a kernel spilling more than _aot's tolerance)."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run(
-        [sys.executable, "-m", "vflow.kernels._aot", "90", "--quick"],
+        [sys.executable, "-m", "vflow.kernels._aot", "90", flag],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_kernels_compile_for_sm90_without_gpu():
+    """The interpreter does not compile the kernels; compile them to a cubin for sm_90 with
+    Triton's bundled ptxas (no GPU needed), in a subprocess without TRITON_INTERPRET."""
+    stdout = _compile_for_sm90("--quick")
     # 15 coupling variants + the networks' 10 kernels per dtype (fp32 and fp64 calls)
-    assert proc.stdout.count(": ok") == 35, proc.stdout
+    assert stdout.count(": ok") == 35, stdout
 
 
 def test_tuning_candidates_compile_for_sm90_without_gpu():
     """Every tile the tile tuning may choose (kernels/_tuning.py candidates: block and warps,
     float32 and float64) compiles to a cubin for sm_90 without spilling more than _aot's
     tolerance (exit code): the five coupling kernels at each."""
-    pytest.importorskip("triton.backends.nvidia")
     from vflow.kernels._tuning import candidates
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "vflow.kernels._aot", "90", "--candidates"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    stdout = _compile_for_sm90("--candidates")
     f32, f64 = candidates(torch.float32), candidates(torch.float64)
-    assert proc.stdout.count(": ok") == 5 * (2 * len(f32) + len(f64)), proc.stdout
+    assert stdout.count(": ok") == 5 * (2 * len(f32) + len(f64)), stdout
     for block, warps in f32:
-        assert f"fp32 pattern=1 tile=1x{block} warps={warps}: ok" in proc.stdout
-        assert f"fp32 pattern=1 tile={block // 16}x16 warps={warps}: ok" in proc.stdout
+        assert f"fp32 pattern=1 tile=1x{block} warps={warps}: ok" in stdout
+        assert f"fp32 pattern=1 tile={block // 16}x16 warps={warps}: ok" in stdout
     for block, warps in f64:
-        assert f"fp64 pattern=1 tile=1x{block} warps={warps}: ok" in proc.stdout
+        assert f"fp64 pattern=1 tile=1x{block} warps={warps}: ok" in stdout
 
 
 # --- GPU only: a realistic shape (many programs, K = 32) -----------------------------------
